@@ -1,0 +1,1 @@
+"""Benchmark helpers: the tutorial baseline and the PyTorch reference nets."""

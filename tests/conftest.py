@@ -1,0 +1,114 @@
+"""One backend fixture, parametrized over every backend present.
+
+- numpy and array_api_strict (its default device, "device1" and the
+  float32-only "no_float64" device) always;
+- cupy where CuPy imports and a CUDA device answers (marked ``gpu``);
+- torch where it is installed.
+
+``XCNN_BACKENDS=numpy,cupy`` narrows the set (names as in the test ids, e.g.
+``strict-device1``). ``XCNN_REQUIRE_CUPY=1`` (set it on GPU runners) turns a
+missing CuPy or GPU from a skip into a failure, so a GPU run can never pass
+by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+import xcnn
+from xcnn.backend import BackendError
+
+
+@dataclass(frozen=True)
+class Case:
+    """One backend to test on: ``xcnn.Sequential(..., backend=case.spec, device=case.device)``."""
+
+    id: str
+    spec: Any
+    device: Any = None
+    float64: bool = True
+
+    def resolve(self) -> xcnn.Backend:
+        return xcnn.resolve_backend(self.spec, self.device)
+
+    def model(self, layers, **kw) -> xcnn.Sequential:
+        return xcnn.Sequential(layers, backend=self.spec, device=self.device, **kw)
+
+
+def _cupy_status() -> str | None:
+    """None if CuPy with a device is usable, else why not."""
+    try:
+        xcnn.resolve_backend("cupy")
+    except BackendError as e:
+        return str(e)
+    return None
+
+
+def _cases() -> list:
+    cases = [
+        pytest.param(Case("numpy", "numpy"), id="numpy"),
+        pytest.param(Case("strict", "array_api_strict"), id="strict"),
+        pytest.param(Case("strict-device1", "array_api_strict", "device1"), id="strict-device1"),
+        pytest.param(
+            Case("strict-no_float64", "array_api_strict", "no_float64", float64=False),
+            id="strict-no_float64",
+        ),
+    ]
+    why = _cupy_status()
+    require = os.environ.get("XCNN_REQUIRE_CUPY", "") not in ("", "0")
+    marks = [pytest.mark.gpu]
+    if why is not None:
+        if require:
+            marks.append(pytest.mark.xfail(reason=f"XCNN_REQUIRE_CUPY: {why}", run=False, strict=True))
+            # An xfail(run=False) reports as xfailed, not passed: make it fail loudly instead.
+            marks = [pytest.mark.gpu]
+            cases.append(pytest.param(Case("cupy", "cupy"), id="cupy", marks=marks))
+        else:
+            marks.append(pytest.mark.skip(reason=f"CuPy backend unavailable: {why}"))
+            cases.append(pytest.param(Case("cupy", "cupy"), id="cupy", marks=marks))
+    else:
+        cases.append(pytest.param(Case("cupy", "cupy"), id="cupy", marks=marks))
+    try:
+        import torch  # noqa: F401
+
+        cases.append(pytest.param(Case("torch", "torch"), id="torch"))
+    except ImportError:
+        cases.append(
+            pytest.param(
+                Case("torch", "torch"),
+                id="torch",
+                marks=pytest.mark.skip(reason="torch not installed (optional reference backend)"),
+            )
+        )
+    only = os.environ.get("XCNN_BACKENDS")
+    if only:
+        keep = {s.strip() for s in only.split(",")}
+        cases = [c for c in cases if c.id in keep]
+    return cases
+
+
+BACKENDS = _cases()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> Case:
+    """Every backend present; the test is written once and runs on each."""
+    return request.param
+
+
+@pytest.fixture(params=[c for c in BACKENDS if c.id != "numpy"])
+def other_backend(request) -> Case:
+    """Every backend except NumPy, for parity tests against NumPy."""
+    return request.param
+
+
+def pytest_report_header(config) -> list[str]:
+    why = _cupy_status()
+    return [
+        "xcnn backends: " + ", ".join(c.id for c in BACKENDS),
+        "cupy: " + ("available" if why is None else f"not tested ({why})"),
+    ]

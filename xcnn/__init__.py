@@ -1,0 +1,36 @@
+"""xcnn: a from-scratch CNN library written once against the Python array API.
+
+The same layers, forward and backprop run on NumPy (CPU) or CuPy (CUDA GPU),
+chosen by ``backend=`` when a model is built.
+"""
+
+from . import functional
+from .backend import Backend, BackendError, resolve_backend, to_numpy
+from .layers import AvgPool2D, Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU, Softmax
+from .losses import softmax_cross_entropy
+from .model import Sequential
+from .optim import SGD, Adam, Optimizer, make_optimizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adam",
+    "AvgPool2D",
+    "Backend",
+    "BackendError",
+    "Conv2D",
+    "Dense",
+    "Flatten",
+    "Layer",
+    "MaxPool2D",
+    "Optimizer",
+    "ReLU",
+    "SGD",
+    "Sequential",
+    "Softmax",
+    "functional",
+    "make_optimizer",
+    "resolve_backend",
+    "softmax_cross_entropy",
+    "to_numpy",
+]
