@@ -169,7 +169,9 @@ def resolve_backend(spec: str | ModuleType | Backend = "numpy", device: Any = No
         try:
             module = importlib.import_module("array_api_strict")
         except ImportError as e:
-            raise BackendError("array_api_strict is not installed: pip install array-api-strict") from e
+            raise BackendError(
+                "array_api_strict is not installed: pip install array-api-strict"
+            ) from e
         return resolve_backend(module, device)
     raise ValueError(
         f"unknown backend {spec!r}: use 'numpy', 'cupy', 'torch', 'array_api_strict' "
@@ -194,8 +196,7 @@ def _cupy_backend(device: Any) -> Backend:
     index = 0 if device is None else int(device)
     if not 0 <= index < count:
         raise BackendError(
-            f"CUDA device {index} does not exist: this machine has {count} "
-            f"(valid: 0..{count - 1})"
+            f"CUDA device {index} does not exist: this machine has {count} (valid: 0..{count - 1})"
         )
     return Backend("cupy", array_api_compat.array_namespace(cupy.empty(0)), cupy.cuda.Device(index))
 

@@ -52,7 +52,7 @@ class Layer:
 
     # -- construction -----------------------------------------------------
     def config(self) -> dict[str, Any]:
-        """Constructor arguments, JSON-serialisable: ``type(layer)(**layer.config())`` rebuilds it."""
+        """Constructor arguments as JSON: ``type(layer)(**layer.config())`` rebuilds it."""
         return {}
 
     def init_params(self, rng: Any) -> dict[str, Any]:
@@ -154,7 +154,9 @@ class Conv2D(Layer):
                 f"in={in_channels}, out={out_channels}, kernel={kernel_size}, stride={stride}"
             )
         if not (padding in ("valid", "same") or (isinstance(padding, int) and padding >= 0)):
-            raise ValueError(f"Conv2D: padding must be 'valid', 'same' or an int >= 0, got {padding!r}")
+            raise ValueError(
+                f"Conv2D: padding must be 'valid', 'same' or an int >= 0, got {padding!r}"
+            )
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = (kh, kw), stride, padding
         self.bias, self.init = bias, init
@@ -298,9 +300,7 @@ class AvgPool2D(_Pool2D):
         return F.avg_pool2d(x, self.kernel_size, self.stride)
 
     def backward(self, dy: Array, *, need_dx: bool = True) -> Array:
-        return F.avg_pool2d_backward(
-            dy, self._cached("x_shape"), self.kernel_size, self.stride
-        )
+        return F.avg_pool2d_backward(dy, self._cached("x_shape"), self.kernel_size, self.stride)
 
 
 class Dense(Layer):
@@ -390,7 +390,9 @@ class Flatten(Layer):
     def check_input(self, x: Array) -> None:
         super().check_input(x)
         if x.ndim < 2:
-            raise ShapeError(f"{self!r}: expected an input (N, ...) with >= 2 axes, got {tuple(x.shape)}")
+            raise ShapeError(
+                f"{self!r}: expected an input (N, ...) with >= 2 axes, got {tuple(x.shape)}"
+            )
 
     def forward(self, x: Array, *, train: bool = True) -> Array:
         self.check_input(x)
@@ -433,7 +435,9 @@ def layer_from_config(cfg: dict[str, Any]) -> Layer:
     try:
         cls = LAYERS[cfg["type"]]
     except KeyError:
-        raise ValueError(f"unknown layer type {cfg.get('type')!r}; known: {sorted(LAYERS)}") from None
+        raise ValueError(
+            f"unknown layer type {cfg.get('type')!r}; known: {sorted(LAYERS)}"
+        ) from None
     kwargs = dict(cfg.get("config", {}))
     if isinstance(kwargs.get("kernel_size"), list):  # JSON has no tuples
         kwargs["kernel_size"] = tuple(kwargs["kernel_size"])

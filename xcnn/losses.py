@@ -11,7 +11,9 @@ from . import functional as F
 __all__ = ["softmax_cross_entropy", "check_labels"]
 
 
-def check_labels(labels: Any, n: int, num_classes: int, *, where: str = "softmax_cross_entropy") -> None:
+def check_labels(
+    labels: Any, n: int, num_classes: int, *, where: str = "softmax_cross_entropy"
+) -> None:
     """Raise a clear error unless ``labels`` is (n,) integers in ``[0, num_classes)``.
 
     The range check reads two numbers back from the device, so the training
@@ -58,9 +60,9 @@ def softmax_cross_entropy(logits: Any, labels: Any, *, check: bool = True) -> tu
         raise TypeError(
             f"softmax_cross_entropy: logits and labels must come from the same backend ({e})"
         ) from None
-    if not hasattr(logits, "ndim") or logits.ndim != 2:
+    if logits.ndim != 2:
         raise ValueError(
-            f"softmax_cross_entropy: expected logits (N, K), got shape {tuple(getattr(logits, 'shape', ()))}"
+            f"softmax_cross_entropy: expected logits (N, K), got shape {tuple(logits.shape)}"
         )
     if not xp.isdtype(logits.dtype, "real floating"):
         raise TypeError(f"softmax_cross_entropy: logits must be floating, got dtype {logits.dtype}")

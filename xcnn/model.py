@@ -135,7 +135,9 @@ class Sequential:
         expected = {key for key, _, _ in self.named_params()}
         if set(state) != expected:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise ValueError(f"state does not fit this model: missing {missing}, unexpected {extra}")
+            raise ValueError(
+                f"state does not fit this model: missing {missing}, unexpected {extra}"
+            )
         for key, layer, name in self.named_params():
             value = state[key]
             if tuple(value.shape) != tuple(layer.params[name].shape):

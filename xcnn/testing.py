@@ -61,7 +61,9 @@ def _as_model(target: Layer | Sequential) -> tuple[Sequential | None, list[Layer
         return target, target.layers
     if isinstance(target, Layer):
         return None, [target]
-    raise TypeError(f"check_gradients: expected a Layer or a Sequential, got {type(target).__name__}")
+    raise TypeError(
+        f"check_gradients: expected a Layer or a Sequential, got {type(target).__name__}"
+    )
 
 
 def check_gradients(
@@ -99,8 +101,10 @@ def check_gradients(
     model, layers = _as_model(target)
     params = [lay.params for lay in layers]
     probe = next((p for lp in params for p in lp.values()), None)
-    backend = model.backend if model is not None else resolve_backend(
-        _namespace_of(probe) if probe is not None else "numpy"
+    backend = (
+        model.backend
+        if model is not None
+        else resolve_backend(_namespace_of(probe) if probe is not None else "numpy")
     )
     dt = "float64"
     x_host = np.asarray(x, dtype=np.float64)
@@ -250,7 +254,9 @@ def check_parity(
         config = make_layers.config()
 
         def build(spec: Any, device: Any) -> Sequential:
-            return Sequential.from_config(config, backend=spec, device=device, dtype=dtype, seed=seed)
+            return Sequential.from_config(
+                config, backend=spec, device=device, dtype=dtype, seed=seed
+            )
     else:
 
         def build(spec: Any, device: Any) -> Sequential:
