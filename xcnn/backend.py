@@ -13,7 +13,9 @@ array math.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -87,6 +89,19 @@ class Backend:
 
             return torch.from_numpy(np.ascontiguousarray(host)).to(self.device)
         return self.xp.asarray(host, device=self.device)
+
+    @contextlib.contextmanager
+    def activate(self) -> Iterator[None]:
+        """Make this backend's device current for the code inside ``with``.
+
+        CuPy launches kernels on the *current* device, so work on an array
+        held by GPU 1 must run with GPU 1 current; other backends need nothing.
+        """
+        if self.name == "cupy":
+            with self.device:
+                yield
+        else:
+            yield
 
     def owns(self, x: Any) -> bool:
         """Whether ``x`` is an array of this backend on this backend's device."""

@@ -101,8 +101,9 @@ class Sequential:
         x (N, ...) -> logits (N, K) (or whatever the last layer gives).
         """
         self.check_input(x)
-        for layer in self.layers:
-            x = layer.forward(x, train=train)
+        with self.backend.activate():
+            for layer in self.layers:
+                x = layer.forward(x, train=train)
         return x
 
     __call__ = forward
@@ -114,9 +115,9 @@ class Sequential:
         returns ``dL/dx`` for the model input; ``input_grad=False`` skips that
         last product (the training loop never needs it) and returns None.
         """
-        last = len(self.layers) - 1
-        for i in range(last, -1, -1):
-            dy = self.layers[i].backward(dy, need_dx=input_grad or i > 0)
+        with self.backend.activate():
+            for i in range(len(self.layers) - 1, -1, -1):
+                dy = self.layers[i].backward(dy, need_dx=input_grad or i > 0)
         return dy
 
     # -- parameters -------------------------------------------------------------
