@@ -107,6 +107,13 @@ def test_filters_and_feature_maps_on_every_backend(tmp_path, backend, digit):
         check_png(p, SIZES[p.name])
 
 
+def test_many_filters_keep_the_size(tmp_path, digit):
+    model = xcnn.Sequential([xcnn.Conv2D(1, 40, 5)])  # more filters than panels
+    paths = plots.training_plots(tmp_path, history=None, model=model, confusion=None, image=digit)
+    for p in paths:
+        check_png(p, SIZES[p.name])
+
+
 def test_sobel_figure(tmp_path, digit):
     out = plots.sobel_figure(digit, tmp_path / "sobel.png")
     assert out == tmp_path / "sobel.png"

@@ -4,12 +4,15 @@ The same layers, forward and backprop run on NumPy (CPU) or CuPy (CUDA GPU),
 chosen by ``backend=`` when a model is built.
 """
 
-from . import functional
+from . import functional, io, models, training
 from .backend import Backend, BackendError, resolve_backend, to_numpy
+from .io import load, save
 from .layers import AvgPool2D, Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU, Softmax
 from .losses import softmax_cross_entropy
 from .model import Sequential
+from .models import build_model
 from .optim import SGD, Adam, Optimizer, make_optimizer
+from .training import evaluate, fit, predict
 
 __version__ = "0.1.0"
 
@@ -28,9 +31,18 @@ __all__ = [
     "SGD",
     "Sequential",
     "Softmax",
+    "build_model",
+    "evaluate",
+    "fit",
     "functional",
+    "io",
+    "load",
     "make_optimizer",
+    "models",
+    "predict",
     "resolve_backend",
+    "save",
     "softmax_cross_entropy",
     "to_numpy",
+    "training",
 ]

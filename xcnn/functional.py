@@ -4,6 +4,10 @@ Each function finds the array namespace of its inputs (``array_api_compat``),
 uses only array-API operations, keeps no state and never writes into its
 inputs, so the same code runs on NumPy, CuPy, array_api_strict or PyTorch.
 
+On NumPy a few hot operations take a faster route (:mod:`xcnn._fast`): each
+is one ``if _fast.applies(...)`` at the top of the function, computes the same
+values, and is tested against the generic code below it.
+
 Shape symbols used throughout: ``N, C, H, W`` input batch, channels, height,
 width; ``F`` filters; ``KH, KW`` kernel; ``OH, OW`` output; ``S`` stride;
 ``K`` classes.
@@ -17,6 +21,8 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as _device
 
+from . import _fast
+
 Array = Any
 Padding = str | int
 
@@ -26,6 +32,8 @@ __all__ = [
     "fold",
     "conv2d",
     "conv2d_backward",
+    "conv2d_train",
+    "conv2d_train_backward",
     "max_pool2d",
     "max_pool2d_backward",
     "avg_pool2d",
@@ -192,6 +200,43 @@ def conv2d_backward(
     return dx[:, :, top : top + h, left : left + wd], dw, db
 
 
+def conv2d_train(
+    x: Array, w: Array, b: Array | None = None, *, stride: int = 1, padding: Padding = "valid"
+) -> tuple[Array, dict[str, Any]]:
+    """:func:`conv2d` for training: ``y`` and ``saved``, what :func:`conv2d_train_backward` needs.
+
+    ``saved`` is ``{"col": col, "x_shape": shape}`` from the generic code. On
+    NumPy (stride 1) it holds the input ``"x"``: the fast backward rebuilds what
+    it needs from it a few images at a time, which is faster than keeping the
+    9x larger ``col`` in memory.
+    """
+    if stride == 1 and _fast.applies(x, w, b):
+        n, c, h, wd = x.shape
+        pads = pad_amounts(h, wd, w.shape[2], w.shape[3], 1, padding)
+        return _fast.conv2d(x, w, b, pads)
+    y, col = conv2d(x, w, b, stride=stride, padding=padding)
+    return y, {"col": col, "x_shape": tuple(x.shape)}
+
+
+def conv2d_train_backward(
+    dy: Array,
+    saved: dict[str, Any],
+    w: Array,
+    *,
+    stride: int = 1,
+    padding: Padding = "valid",
+    need_dx: bool = True,
+) -> tuple[Array | None, Array, Array]:
+    """Gradients of :func:`conv2d_train` from its ``saved``: ``(dx or None, dw, db)``."""
+    if "x" in saved:  # the forward took the NumPy fast path
+        x = saved["x"]
+        pads = pad_amounts(x.shape[2], x.shape[3], w.shape[2], w.shape[3], 1, padding)
+        return _fast.conv2d_backward(dy, saved, w, pads, need_dx)
+    return conv2d_backward(
+        dy, saved["col"], saved["x_shape"], w, stride=stride, padding=padding, need_dx=need_dx
+    )
+
+
 # ---------------------------------------------------------------------------
 # Pooling
 # ---------------------------------------------------------------------------
@@ -208,6 +253,10 @@ def max_pool2d(x: Array, kernel_size: int, stride: int) -> tuple[Array, Array]:
     xp = array_namespace(x)
     k = kernel_size
     oh, ow = _out_size(x.shape[2], k, stride, 0, 0), _out_size(x.shape[3], k, stride, 0, 0)
+    if _fast.applies(x):
+        y, mask = _fast.max_pool2d(x, k, stride, oh, ow)
+        if mask is not None:  # None: a window holds NaN, the generic argmax decides
+            return y, mask
     win = windows(x, k, k, stride, oh, ow)  # (N, C, K*K, OH, OW)
     # argmax returns the first occurrence (array-API guarantee), i.e. row-major first.
     first = xp.argmax(win, axis=2)  # (N, C, OH, OW)
@@ -225,6 +274,10 @@ def max_pool2d_backward(
     ``dy`` (N, C, OH, OW), ``mask`` from :func:`max_pool2d` -> ``dx`` (N, C, H, W).
     """
     xp = array_namespace(dy, mask)
+    if _fast.applies(dy) and type(mask) is type(dy):
+        dx = _fast.max_pool2d_backward(dy, mask, x_shape, kernel_size, stride)
+        if dx is not None:  # None: dy holds NaN/inf, which only the generic where keeps exact
+            return dx
     cols = xp.where(mask, dy[:, :, None, :, :], xp.zeros((), dtype=dy.dtype, device=_device(dy)))
     return fold(cols, x_shape, kernel_size, kernel_size, stride)
 
@@ -267,6 +320,8 @@ def dense_backward(dy: Array, x: Array, w: Array) -> tuple[Array, Array, Array]:
 
 def relu(x: Array) -> tuple[Array, Array]:
     """``y = max(x, 0)``; also returns the mask ``x > 0`` the backward pass needs."""
+    if _fast.applies(x):
+        return _fast.relu(x)
     xp = array_namespace(x)
     mask = x > 0
     return xp.where(mask, x, xp.zeros((), dtype=x.dtype, device=_device(x))), mask
@@ -274,6 +329,10 @@ def relu(x: Array) -> tuple[Array, Array]:
 
 def relu_backward(dy: Array, mask: Array) -> Array:
     """The gradient passes where the input was positive and stops elsewhere."""
+    if _fast.applies(dy) and type(mask) is type(dy):
+        dx = _fast.relu_backward(dy, mask)
+        if dx is not None:  # None: dy holds NaN/inf, which only the generic where keeps exact
+            return dx
     xp = array_namespace(dy, mask)
     return xp.where(mask, dy, xp.zeros((), dtype=dy.dtype, device=_device(dy)))
 

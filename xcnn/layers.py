@@ -207,21 +207,21 @@ class Conv2D(Layer):
 
     def forward(self, x: Array, *, train: bool = True) -> Array:
         self.check_input(x)
-        y, col = F.conv2d(
+        y, saved = F.conv2d_train(
             x,
             self.params["weight"],
             self.params.get("bias"),
             stride=self.stride,
             padding=self.padding,
         )
-        self.cache = {"col": col, "x_shape": tuple(x.shape)} if train else {}
+        # saved: the stacked windows, or (NumPy fast path) just the input.
+        self.cache = {"saved": saved} if train else {}
         return y
 
     def backward(self, dy: Array, *, need_dx: bool = True) -> Array | None:
-        dx, dw, db = F.conv2d_backward(
+        dx, dw, db = F.conv2d_train_backward(
             dy,
-            self._cached("col"),
-            self.cache["x_shape"],
+            self._cached("saved"),
             self.params["weight"],
             stride=self.stride,
             padding=self.padding,

@@ -52,7 +52,7 @@ def softmax_cross_entropy(logits: Any, labels: Any, *, check: bool = True) -> tu
     >>> import numpy as np, xcnn
     >>> loss, d = xcnn.softmax_cross_entropy(np.array([[-1.0, 0.0, 3.0, 5.0]]), np.array([3]))
     >>> round(float(loss), 4)  # -ln(e^5 / 169.87)
-    0.1353
+    0.135
     """
     try:
         xp = array_namespace(logits, labels)

@@ -35,6 +35,9 @@ __all__ = [
 #: Dots per inch of every PNG; with the fixed figure sizes below it fixes the pixel size.
 DPI = 100
 
+#: At most this many filters (or input + feature maps) are drawn in one picture.
+MAX_PANELS = 32
+
 #: Responds to vertical edges: positive where the image gets brighter left to right.
 SOBEL_VERTICAL = np.array([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 #: Its transpose responds to horizontal edges: positive where it gets brighter downwards.
@@ -182,27 +185,34 @@ def training_plots(
 ) -> list[Path]:
     """Write the pictures of a training run into ``out_dir`` (created if needed).
 
-    Parameters
-    ----------
-    out_dir : folder for the PNGs.
-    history : dict of lists, as returned by :func:`xcnn.training.fit`
-        ``"epoch"``, ``"train_loss"``, ``"train_accuracy"`` and optionally
-        ``"val_loss"``, ``"val_accuracy"``.
-    model : xcnn.Sequential whose first layer is a :class:`xcnn.Conv2D`, on any backend.
-    confusion : (K, K) int array, rows the true class, columns the predicted
-        one (``evaluate(...)["confusion"]``).
-    image : (28, 28) uint8 digit whose feature maps to show.
-
     Any of ``history``, ``model``, ``confusion``, ``image`` may be None to skip
     its pictures (``image`` needs ``model``).
+
+    Parameters
+    ----------
+    out_dir : path
+        Folder for the PNGs.
+    history : dict of lists, or None
+        As returned by :func:`xcnn.training.fit`: ``"epoch"``, ``"train_loss"``,
+        ``"train_accuracy"`` and optionally ``"val_loss"``, ``"val_accuracy"``.
+    model : xcnn.Sequential, or None
+        A model whose first layer is a :class:`xcnn.Conv2D`, on any backend.
+    confusion : (K, K) int array, or None
+        Rows the true class, columns the predicted one
+        (``evaluate(...)["confusion"]``).
+    image : (28, 28) uint8 array, or None
+        The digit whose feature maps are shown, scaled as training scales it
+        (``x / 255 - 0.5``) before the first layer.
 
     Returns
     -------
     list of pathlib.Path, in this order, for those drawn:
 
     - ``curves.png`` (1000 x 400): loss and accuracy per epoch, train and test;
-    - ``filters.png`` (800 x 400): the first layer's learned filters;
-    - ``feature_maps.png`` (800 x 400): ``image`` and its maps after that layer;
+    - ``filters.png`` (800 x 400): the first layer's learned filters, each
+      annotated with its weights when there are at most 16;
+    - ``feature_maps.png`` (800 x 400): ``image`` and its maps after that layer
+      (at most :data:`MAX_PANELS` panels in each of these two);
     - ``confusion.png`` (600 x 560): the confusion matrix, every cell annotated.
 
     Raises
@@ -257,10 +267,11 @@ def _grid(n: int) -> tuple[int, int]:
 
 def _filters(model: Any, out: Path) -> Path:
     w = to_numpy(_first_conv(model).params["weight"]).astype(np.float64)  # (F, C, KH, KW)
-    w = w[:, 0]  # (F, KH, KW): the first input channel (the only one for MNIST)
+    shown = f"first {MAX_PANELS} of {w.shape[0]} " if w.shape[0] > MAX_PANELS else ""
+    w = w[:MAX_PANELS, 0]  # (F, KH, KW): the first input channel (the only one for MNIST)
     rows, cols = _grid(w.shape[0])
     fig = _figure(8.0, 4.0)
-    fig.suptitle("learned first-layer filters (red positive, blue negative)")
+    fig.suptitle(f"{shown}learned first-layer filters (red positive, blue negative)")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     lim = max(float(np.abs(w).max()), 1e-12)
     for i, ax in enumerate(axes):
@@ -271,7 +282,7 @@ def _filters(model: Any, out: Path) -> Path:
             continue
         ax.imshow(w[i], cmap="RdBu_r", vmin=-lim, vmax=lim)
         ax.set_title(f"filter {i}", fontsize=9)
-        if w.shape[1] * w.shape[2] <= 25:
+        if w.shape[0] <= 16 and w.shape[1] * w.shape[2] <= 25:  # room for the numbers
             for (r, c), v in np.ndenumerate(w[i]):
                 color = "white" if abs(v) > 0.6 * lim else "black"
                 ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=8, color=color)
@@ -284,10 +295,13 @@ def _feature_maps(model: Any, image: Any, out: Path) -> Path:
     # Scaled as training scales ("centered"): x / 255 - 0.5.
     x = img.astype(np.float64) / 255.0 - 0.5 if img.dtype == np.uint8 else img.astype(np.float64)
     maps = to_numpy(conv.forward(model.asarray(x[None, None]), train=False))[0]  # (F, OH, OW)
+    count = maps.shape[0]
+    maps = maps[: MAX_PANELS - 1]
     rows, cols = _grid(maps.shape[0] + 1)
     fig = _figure(8.0, 4.0)
     oh, ow = maps.shape[1:]
-    fig.suptitle(f"one digit after the first layer: {maps.shape[0]} maps of {oh}x{ow}")
+    shown = f"the first {maps.shape[0]} of " if count > maps.shape[0] else ""
+    fig.suptitle(f"one digit after the first layer: {shown}{count} maps of {oh}x{ow}")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for ax in axes:
         ax.set_xticks([])

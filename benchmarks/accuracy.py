@@ -1,0 +1,186 @@
+"""Test accuracy of the named models trained on full MNIST with their recipes.
+
+Usage::
+
+    python -m benchmarks.accuracy [--data DIR] [--models seed,lenet] [--train-size N]
+                                  [--epochs N] [--backend numpy] [--json]
+
+Trains each model with its :data:`xcnn.models.RECIPES` entry (the defaults of
+``xcnn train``), evaluates the 10,000 test images after every epoch, and
+prints one table row per model plus the environment. Targets: the seed net
+>= 97.4% within 3 epochs, LeNet >= 99.0% within 5.
+
+``--train-size`` and ``--epochs`` make quick estimates (not comparable with
+the targets); the data default is ``../shared/data/mnist`` beside the repo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import xcnn
+from xcnn import datasets
+from xcnn.models import RECIPES, build_model
+from xcnn.training import fit
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+TARGETS = {"seed": (3, 0.974), "lenet": (5, 0.990)}  # model: (within epochs, test accuracy)
+
+
+def run_model(
+    name: str, data: datasets.Splits, *, epochs: int | None, backend: str, progress: bool
+) -> dict[str, Any]:
+    """Train ``name`` with its recipe; per-epoch test accuracy and timings."""
+    recipe = RECIPES[name]
+    epochs = recipe.epochs if epochs is None else epochs
+    model = build_model(name, backend=backend, seed=0)
+    optimizer = xcnn.make_optimizer(recipe.optimizer, model, recipe.lr)
+    history = fit(
+        model,
+        optimizer,
+        data.x_train,
+        data.y_train,
+        epochs=epochs,
+        batch_size=recipe.batch_size,
+        validation_data=(data.x_test, data.y_test),
+        scale=recipe.scale,
+        lr_decay=recipe.lr_decay,
+        seed=0,
+        progress=progress,
+    )
+    seconds = float(np.mean(history["seconds"]))
+    within, target = TARGETS.get(name, (epochs, 0.0))
+    best = max(history["val_accuracy"][:within])
+    return {
+        "model": name,
+        "params": model.num_params(),
+        "epochs": epochs,
+        "optimizer": recipe.optimizer,
+        "lr": recipe.lr,
+        "lr_decay": recipe.lr_decay,
+        "batch": recipe.batch_size,
+        "train_images": len(data.x_train),
+        "test_accuracy": history["val_accuracy"],
+        "seconds_per_epoch": seconds,
+        "images_per_second": len(data.x_train) / seconds,
+        "target": target,
+        "target_epochs": within,
+        "met": best >= target,
+    }
+
+
+def environment(backend: str) -> dict[str, Any]:
+    """What the timings depend on: CPU, cores, thread settings, NumPy and its BLAS."""
+    try:
+        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        blas = f"{blas.get('name')} {blas.get('version', '')}".strip()
+    except Exception:  # older NumPy: no dict mode
+        blas = "unknown"
+    threads = {
+        k: os.environ[k]
+        for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+        if k in os.environ
+    }
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "thread_env": threads or "unset (BLAS uses all usable cores)",
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "blas": blas,
+        "xcnn": xcnn.__version__,
+        "backend": backend,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = ["model", "epochs", "optimizer", "lr", "batch", "test accuracy per epoch",
+            "s/epoch", "img/s", "target"]  # fmt: skip
+    body = []
+    for r in rows:
+        lr = f"{r['lr']:g}" + (f" x{r['lr_decay']:g}/ep" if r["lr_decay"] != 1 else "")
+        accs = " ".join(f"{a:.2%}" for a in r["test_accuracy"])
+        verdict = "met" if r["met"] else "MISSED"
+        target = f">={r['target']:.1%} in {r['target_epochs']}: {verdict}"
+        speed = [f"{r['seconds_per_epoch']:.1f}", f"{r['images_per_second']:,.0f}"]
+        body.append([r["model"], str(r["epochs"]), r["optimizer"], lr, str(r["batch"]), accs,
+                     *speed, target])  # fmt: skip
+    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+    lines = [
+        " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in [head, *body]
+    ]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.accuracy", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--data", default=str(DEFAULT_DATA), help=f"MNIST directory (default: {DEFAULT_DATA})"
+    )
+    parser.add_argument(
+        "--models", default="seed,lenet", help="comma-separated (default: seed,lenet)"
+    )
+    parser.add_argument("--train-size", type=int, help="first N training images only (an estimate)")
+    parser.add_argument("--epochs", type=int, help="override the recipes' epochs (an estimate)")
+    parser.add_argument("--backend", default="numpy")
+    parser.add_argument(
+        "--json", action="store_true", help="also print the results as JSON (last line)"
+    )
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(RECIPES))
+    if unknown:
+        parser.error(f"unknown models {unknown}; known: {sorted(RECIPES)}")
+
+    data = datasets.mnist(args.data)
+    if args.train_size:
+        data = data._replace(
+            x_train=data.x_train[: args.train_size], y_train=data.y_train[: args.train_size]
+        )
+    env = environment(args.backend)
+    print("environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), flush=True)
+    rows = []
+    for name in names:
+        start = time.perf_counter()
+        rows.append(
+            run_model(
+                name, data, epochs=args.epochs, backend=args.backend, progress=sys.stderr.isatty()
+            )
+        )
+        print(f"{name}: done in {time.perf_counter() - start:.0f} s", flush=True)
+    print()
+    print(f"MNIST: {len(data.x_train)} training images, {len(data.x_test)} test images")
+    print(format_table(rows))
+    if args.json:
+        print(json.dumps({"environment": env, "results": rows}))
+    return 0 if all(r["met"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,293 @@
+"""NumPy fast paths for the hot kernels of :mod:`xcnn.functional`.
+
+The generic array-API code in ``functional.py`` is the definition of every
+operation and runs on every namespace. On NumPy (one CPU thread outside BLAS,
+no kernel fusion) some of it is slow for reasons that have nothing to do with
+the math, so :mod:`xcnn.functional` hands these cases to the functions here,
+behind one check per operation (:func:`applies`). They compute the same values;
+``tests/test_fast_paths.py`` compares both on the same inputs, and
+``XCNN_FAST=0`` in the environment (or ``_fast.ENABLED = False``) turns them
+off. What was measured (2-core AMD EPYC, OpenBLAS; ``benchmarks/README.md``):
+
+- **Layout.** A convolution's output is produced as NHWC memory (handed on as
+  an NCHW view, so callers see the usual shape): the im2col matrix for the
+  next convolution is then built from runs of C contiguous floats, its matrix
+  product writes NHWC rows directly, and the element-wise layers after it
+  (ReLU, max-pool) keep whatever layout they get.
+- **Cache-sized chunks, nothing kept.** The im2col matrix of a whole batch is
+  9x the input (85 MB for LeNet's second conv at batch 128); building and
+  multiplying it a few images at a time keeps it in cache (2x faster), and
+  backward rebuilds what it needs from the input instead of keeping it.
+- **Backward without col2im.** For stride 1, on the "full-width grid" (the
+  output computed at every input column, with the W - OW extra columns
+  zero in dy) a kernel offset (i, j) is a shift of ``i*W + j`` rows of the
+  flattened NHWC image. So ``dx`` is 9 small matrix products each added to one
+  contiguous row range, and ``dW[i, j]`` is ``dy^T`` times a shifted view of the
+  input (no copy). Scattering an im2col gradient instead costs 2x more.
+- **Single channel.** For C = 1 (a first layer) each shifted image is one run
+  of OW floats, so the columns are built transposed, (KH*KW, N*OH*OW), and
+  BLAS reads them transposed.
+- **Element-wise.** ``np.where`` and masked ``copyto`` are 6-8x slower than
+  ``fmax`` and a multiply by a boolean mask; where a multiply would turn a
+  non-finite gradient into NaN instead of 0, a cheap check falls back to the
+  exact generic code.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+#: Fast paths on (default) or off (``XCNN_FAST=0``): for comparisons and debugging.
+ENABLED = os.environ.get("XCNN_FAST", "1") != "0"
+
+#: Bytes of im2col workspace per chunk of images: fits the L2/L3 caches of common CPUs.
+CHUNK_BYTES = 4 << 20
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def applies(*arrays: Any) -> bool:
+    """Whether the fast paths take these arrays: NumPy float32/float64, one dtype, on."""
+    if not ENABLED:
+        return False
+    dtype = None
+    for a in arrays:
+        if a is None:
+            continue
+        if type(a) is not np.ndarray or a.dtype not in _FLOATS or (dtype and a.dtype != dtype):
+            return False
+        dtype = a.dtype
+    return True
+
+
+def _chunk(n: int, row_bytes: int) -> int:
+    """How many images make one chunk of about CHUNK_BYTES workspace."""
+    return max(1, min(n, CHUNK_BYTES // max(row_bytes, 1)))
+
+
+def _nhwc(x: np.ndarray, pads: tuple[int, int, int, int]) -> np.ndarray:
+    """(N, C, H, W) -> zero-padded, C-contiguous (N, H+PT+PB, W+PL+PR, C); a view if possible."""
+    top, bottom, left, right = pads
+    xt = x.transpose(0, 2, 3, 1)  # (N, H, W, C)
+    if not any(pads):
+        return np.ascontiguousarray(xt)
+    n, h, w, c = xt.shape
+    out = np.zeros((n, h + top + bottom, w + left + right, c), dtype=x.dtype)
+    out[:, top : top + h, left : left + w, :] = xt
+    return out
+
+
+def _shifted(flat: np.ndarray, kh: int, kw: int, row_w: int, rows: int) -> np.ndarray:
+    """Read-only view (KH, KW, rows, C) of ``flat`` (R, C): entry [i, j] is ``flat[i*row_w + j:][:rows]``.
+
+    On the full-width grid this is what kernel offset (i, j) sees, for every
+    output position at once, without copying.
+    """
+    r, c = flat.strides
+    return as_strided(flat, (kh, kw, rows, flat.shape[1]), (row_w * r, r, r, c), writeable=False)
+
+
+# ---------------------------------------------------------------------------
+# Convolution (stride 1; functional.py sends strided convolutions to the generic code)
+# ---------------------------------------------------------------------------
+
+
+def conv2d(
+    x: np.ndarray, w: np.ndarray, b: np.ndarray | None, pads: tuple[int, ...]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Stride-1 convolution: ``y`` (N, F, OH, OW), an NCHW view of NHWC memory, and ``saved``.
+
+    ``saved`` is what :func:`conv2d_backward` needs: the input, and for a
+    single channel also its transposed columns (only 9x a one-channel input).
+    """
+    f, c, kh, kw = w.shape
+    saved = {"x": x}
+    xh = _nhwc(x, pads)  # (N, HP, WP, C)
+    n, hp, wp, _ = xh.shape
+    oh, ow = hp - kh + 1, wp - kw + 1
+    wmat = w.transpose(2, 3, 1, 0).reshape(kh * kw * c, f)  # (KH*KW*C, F), rows (i, j, c)
+    y = np.empty((n * oh * ow, f), dtype=x.dtype)  # rows (n, oh, ow): NHWC
+    if c == 1:
+        # Single channel: columns transposed, each row a copy of runs of OW floats.
+        saved["cols"] = colt = _cols_t(xh, kh, kw, oh, ow)  # (KH*KW, N*OH*OW)
+        np.matmul(colt.T, wmat, out=y)
+    else:
+        step = _chunk(n, oh * ow * kh * kw * c * x.itemsize)
+        col = np.empty((step, oh, ow, kh, kw, c), dtype=x.dtype)  # reused by every chunk
+        for n0 in range(0, n, step):
+            n1 = min(n, n0 + step)
+            for i in range(kh):
+                for j in range(kw):
+                    col[: n1 - n0, :, :, i, j, :] = xh[n0:n1, i : i + oh, j : j + ow, :]
+            cols = col[: n1 - n0].reshape(-1, kh * kw * c)  # (B*OH*OW, KH*KW*C)
+            np.matmul(cols, wmat, out=y[n0 * oh * ow : n1 * oh * ow])
+    if b is not None:
+        y += b
+    return y.reshape(n, oh, ow, f).transpose(0, 3, 1, 2), saved  # y (N, F, OH, OW)
+
+
+def _cols_t(xh: np.ndarray, kh: int, kw: int, oh: int, ow: int) -> np.ndarray:
+    """Transposed columns of a single-channel (N, HP, WP, 1) batch: (KH*KW, N*OH*OW)."""
+    n = xh.shape[0]
+    colt = np.empty((kh, kw, n, oh, ow), dtype=xh.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            colt[i, j] = xh[:, i : i + oh, j : j + ow, 0]
+    return colt.reshape(kh * kw, n * oh * ow)
+
+
+def conv2d_backward(
+    dy: np.ndarray, saved: dict[str, np.ndarray], w: np.ndarray, pads: tuple[int, ...],
+    need_dx: bool,
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """Gradients of :func:`conv2d`: (dx (N, C, H, W) or None, dw (F, C, KH, KW), db (F,))."""
+    x = saved["x"]
+    f, c, kh, kw = w.shape
+    n, _, h, wd = x.shape
+    xh = _nhwc(x, pads)  # (N, HP, WP, C)
+    _, hp, wp, _ = xh.shape
+    oh, ow = hp - kh + 1, wp - kw + 1
+    dyh = np.ascontiguousarray(dy.transpose(0, 2, 3, 1))  # (N, OH, OW, F)
+    db = dyh.reshape(-1, f).sum(axis=0)
+    if c == 1 and not need_dx:
+        # A first layer: dW = dy^T (F, N*OH*OW) @ columns (N*OH*OW, KH*KW), one product.
+        # (Asked as dW^T = columns^T @ dy, OpenBLAS's two threads spend seconds
+        # waiting on each other when another process holds a core.)
+        dw = dyh.reshape(-1, f).T @ saved["cols"].T  # (F, KH*KW)
+        return None, dw.reshape(f, 1, kh, kw), db
+
+    # The full-width grid: dy placed at the top-left of each (HP, WP) image, zeros
+    # elsewhere, so that output row r and input row r + i*WP + j meet at offset (i, j).
+    step = _chunk(n, hp * wp * max(f, kh * kw * c) * x.itemsize)
+    dyfw = np.zeros((step, hp, wp, f), dtype=x.dtype)
+    dwt = np.zeros((kh, kw, f, c), dtype=x.dtype)  # dW with the offsets first
+    part = np.empty_like(dwt)
+    xflat = xh.reshape(-1, c)  # (N*HP*WP, C)
+    if need_dx:
+        wt = w.transpose(2, 3, 0, 1)  # (KH, KW, F, C): the filters of each offset
+        dxh = np.zeros_like(xh)  # (N, HP, WP, C)
+        dxflat = dxh.reshape(-1, c)
+        z = None
+    for n0 in range(0, n, step):
+        n1 = min(n, n0 + step)
+        rows = (n1 - n0) * hp * wp
+        valid = rows - (kh - 1) * wp - (kw - 1)  # the last valid output is row valid - 1
+        dyfw[: n1 - n0, :oh, :ow, :] = dyh[n0:n1]
+        d = dyfw[: n1 - n0].reshape(rows, f)[:valid]  # (valid, F)
+        base = n0 * hp * wp
+        # dW[i, j] = sum_r dy[r] (x) x[r + i*WP + j]: every offset in one batched product.
+        np.matmul(d.T, _shifted(xflat[base:], kh, kw, wp, valid), out=part)  # (KH, KW, F, C)
+        dwt += part
+        if need_dx:
+            # dx[r + i*WP + j] += dy[r] @ W[i, j]: nine products, nine contiguous adds.
+            if z is None or z.shape[2] != valid:
+                z = np.empty((kh, kw, valid, c), dtype=x.dtype)
+            np.matmul(d, wt, out=z)  # (KH, KW, valid, C)
+            for i in range(kh):
+                for j in range(kw):
+                    s = base + i * wp + j
+                    dxflat[s : s + valid] += z[i, j]
+    dw = np.ascontiguousarray(dwt.transpose(2, 3, 0, 1))  # (F, C, KH, KW)
+    if not need_dx:
+        return None, dw, db
+    top, _, left, _ = pads
+    dx = dxh[:, top : top + h, left : left + wd, :].transpose(0, 3, 1, 2)  # (N, C, H, W)
+    return dx, dw, db
+
+
+# ---------------------------------------------------------------------------
+# Max pooling: the window offsets as K*K strided views, compared element-wise
+# ---------------------------------------------------------------------------
+
+
+def _offset_views(x: np.ndarray, k: int, stride: int, oh: int, ow: int) -> list[np.ndarray]:
+    """The K*K views (N, C, OH, OW) of ``x`` under each window offset, row-major."""
+    last_h, last_w = stride * (oh - 1) + 1, stride * (ow - 1) + 1
+    return [
+        x[:, :, i : i + last_h : stride, j : j + last_w : stride] for i in range(k) for j in range(k)
+    ]
+
+
+def _memory_order(a: np.ndarray) -> tuple[int, ...]:
+    """Axes of ``a`` from the largest stride to the smallest: its layout in memory."""
+    return tuple(sorted(range(a.ndim), key=lambda ax: -abs(a.strides[ax])))
+
+
+def max_pool2d(x: np.ndarray, k: int, stride: int, oh: int, ow: int) -> tuple[np.ndarray, np.ndarray]:
+    """(y (N, C, OH, OW), mask (N, C, K*K, OH, OW)) exactly as the generic code gives them.
+
+    The mask is True at the first maximum of each window in row-major order.
+    Both results keep the memory layout of ``x`` (NHWC after a fast convolution).
+    """
+    views = _offset_views(x, k, stride, oh, ow)
+    y = np.maximum(views[0], views[1]) if len(views) > 1 else views[0].copy()
+    for v in views[2:]:
+        np.maximum(y, v, out=y)
+    # One boolean plane per offset, laid out like y, so every step below is a
+    # same-layout element-wise pass.
+    order = _memory_order(y)
+    buf = np.empty((k * k,) + tuple(y.shape[a] for a in order), dtype=bool)
+    back = tuple(order.index(a) for a in range(4))
+    planes = [buf[r].transpose(back) for r in range(k * k)]  # each (N, C, OH, OW)
+    if np.isnan(np.sum(y)):  # a NaN window: the generic argmax picks its first NaN
+        return y, None  # type: ignore[return-value]
+    np.equal(views[0], y, out=planes[0])
+    taken = planes[0].copy(order="K")  # windows whose maximum has a position already
+    for v, plane in zip(views[1:-1], planes[1:-1], strict=True):
+        np.equal(v, y, out=plane)
+        # For booleans a > b is "a and not b": not where an earlier offset is the max.
+        np.greater(plane, taken, out=plane)
+        taken |= plane
+    if len(planes) > 1:
+        np.logical_not(taken, out=planes[-1])  # no NaN: the last offset holds the rest
+    mask = buf.transpose(back[0] + 1, back[1] + 1, 0, back[2] + 1, back[3] + 1)
+    return y, mask  # mask (N, C, K*K, OH, OW)
+
+
+def max_pool2d_backward(
+    dy: np.ndarray, mask: np.ndarray, x_shape: tuple[int, ...], k: int, stride: int
+) -> np.ndarray | None:
+    """``dx`` (N, C, H, W): each window's gradient on its mask position; None if dy is not finite.
+
+    Multiplying by the mask would spread a NaN/inf gradient over the whole
+    window (NaN * 0 = NaN); such rare batches return None and the caller uses
+    the generic code.
+    """
+    if not np.isfinite(np.sum(dy)):
+        return None
+    oh, ow = dy.shape[2], dy.shape[3]
+    plane0 = mask[:, :, 0]
+    order = _memory_order(plane0)
+    shape = tuple(x_shape[a] for a in order)
+    back = tuple(order.index(a) for a in range(4))
+    dx = np.zeros(shape, dtype=dy.dtype).transpose(back)  # (N, C, H, W), laid out like mask
+    dyl = np.empty(tuple(dy.shape[a] for a in order), dtype=dy.dtype).transpose(back)
+    dyl[...] = dy  # dy in the mask's layout: one transposing copy, then aligned passes
+    overlap = stride < k
+    for r, view in enumerate(_offset_views(dx, k, stride, oh, ow)):
+        if overlap:  # windows share pixels: accumulate
+            view += dyl * mask[:, :, r]
+        else:
+            np.multiply(dyl, mask[:, :, r], out=view)
+    return dx
+
+
+# ---------------------------------------------------------------------------
+# ReLU
+# ---------------------------------------------------------------------------
+
+
+def relu(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(max(x, 0), x > 0)``; ``fmax`` maps NaN to 0 like the generic ``where``."""
+    return np.fmax(x, x.dtype.type(0)), np.greater(x, 0)
+
+
+def relu_backward(dy: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
+    """``dy * mask``, or None when dy holds a NaN/inf (the generic ``where`` then decides)."""
+    if not np.isfinite(np.sum(dy)):
+        return None
+    return np.multiply(dy, mask)
