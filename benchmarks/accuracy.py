@@ -56,6 +56,12 @@ def run_model(
         lr_decay=recipe.lr_decay,
         seed=0,
         progress=progress,
+        # A line per epoch: a full LeNet run takes a quarter of an hour on two cores.
+        callback=lambda epoch, logs: print(
+            f"  {name} epoch {epoch}/{epochs}: test {logs['val_accuracy']:.2%}, "
+            f"{logs['seconds']:.1f} s",
+            flush=True,
+        ),
     )
     seconds = float(np.mean(history["seconds"]))
     within, target = TARGETS.get(name, (epochs, 0.0))

@@ -36,12 +36,24 @@ EPOCH_IMAGES = 60_000  # MNIST training set, for the epoch-time estimate
 def _fallback_layers(name: str) -> list[xcnn.Layer]:
     """The named nets, for checkouts that predate ``xcnn.models``."""
     if name == "seed":
-        return [xcnn.Conv2D(1, 8, 3, bias=False), xcnn.MaxPool2D(2), xcnn.Flatten(),
-                xcnn.Dense(1352, 10)]  # fmt: skip
+        return [
+            xcnn.Conv2D(1, 8, 3, bias=False),
+            xcnn.MaxPool2D(2),
+            xcnn.Flatten(),
+            xcnn.Dense(1352, 10),
+        ]
     if name == "lenet":
-        return [xcnn.Conv2D(1, 32, 3), xcnn.ReLU(), xcnn.Conv2D(32, 64, 3), xcnn.ReLU(),
-                xcnn.MaxPool2D(2), xcnn.Flatten(), xcnn.Dense(9216, 128), xcnn.ReLU(),
-                xcnn.Dense(128, 10)]  # fmt: skip
+        return [
+            xcnn.Conv2D(1, 32, 3),
+            xcnn.ReLU(),
+            xcnn.Conv2D(32, 64, 3),
+            xcnn.ReLU(),
+            xcnn.MaxPool2D(2),
+            xcnn.Flatten(),
+            xcnn.Dense(9216, 128),
+            xcnn.ReLU(),
+            xcnn.Dense(128, 10),
+        ]
     raise ValueError(f"unknown net {name!r}; expected one of {NETS}")
 
 
@@ -233,6 +245,7 @@ class Contestant:
     images: int
     sync: Callable[[], None] = _noop
     before: Callable[[], None] = _noop  # e.g. select PyTorch's precision mode
+    block_s: float | None = None  # its own block length (the tutorial's loop is slow)
 
 
 def race(
@@ -269,7 +282,8 @@ def race(
             n += 1
         c.sync()
         per_step = (time.perf_counter() - t0) / max(n - 1, 1)
-        steps[c.name] = max(1, math.ceil(block_s / max(per_step, 1e-9)))
+        block = block_s if c.block_s is None else c.block_s
+        steps[c.name] = max(1, math.ceil(block / max(per_step, 1e-9)))
     out = {c.name: Timing() for c in contestants}
     for _ in range(repeats):
         for c in contestants:
@@ -301,8 +315,9 @@ class Check:
     detail: str
 
 
-def compare(name: str, model: xcnn.Sequential, module: Any, x: np.ndarray, y: np.ndarray,
-            rtol: float) -> Check:  # fmt: skip
+def compare(
+    name: str, model: xcnn.Sequential, module: Any, x: np.ndarray, y: np.ndarray, rtol: float
+) -> Check:
     """Same loss and gradients (relative to each tensor's largest entry) within ``rtol``?
 
     Runs one forward/backward without an update on both, from the current weights.
@@ -334,8 +349,10 @@ def compare(name: str, model: xcnn.Sequential, module: Any, x: np.ndarray, y: np
     detail = f"worst {worst_key} rel diff {diffs[worst_key]:.1e} (tolerance {rtol:.0e})"
     if not ok:
         bad = ", ".join(f"{k} {v:.1e}" for k, v in diffs.items() if not v <= rtol)
-        detail = (f"{name}: xcnn and PyTorch disagree on one batch ({bad}; tolerance "
-                  f"{rtol:.0e}): not the same program, PyTorch timings skipped")  # fmt: skip
+        detail = (
+            f"{name}: xcnn and PyTorch disagree on one batch ({bad}; tolerance "
+            f"{rtol:.0e}): not the same program, PyTorch timings skipped"
+        )
     return Check(ok, diffs[worst_key], detail)
 
 
@@ -392,8 +409,10 @@ class PeakRSS:
 
 def memory_probe(framework: str, net: str, batch: int, kind: str, dry: bool) -> dict[str, Any]:
     """Run in a fresh process: peak memory of 3 training steps of one configuration."""
-    target = make_target(kind, dry) if framework == "torch" else Target(
-        kind, dry, "cupy" if kind == "gpu" and not dry else "numpy", None
+    target = (
+        make_target(kind, dry)
+        if framework == "torch"
+        else Target(kind, dry, "cupy" if kind == "gpu" and not dry else "numpy", None)
     )
     x, y = make_data(batch)
     model = build_xcnn(net, target.xcnn_backend)
@@ -447,17 +466,26 @@ def _gpu_peak(framework: str, step: Callable, x: Any, y: Any, sync: Callable) ->
     return (torch.cuda.max_memory_reserved() - base) / 2**20
 
 
-def run_memory_probe(framework: str, net: str, batch: int, kind: str, dry: bool,
-                     timeout: float = 600) -> float | None:  # fmt: skip
-    """:func:`memory_probe` in a fresh interpreter; None (and a note on stderr) on failure."""
-    cmd = [sys.executable, "-m", "benchmarks.throughput", "--memory-probe",
-           f"{framework}:{net}:{batch}:{kind}:{int(dry)}"]  # fmt: skip
+def run_child(args: list[str], timeout: float = 1800) -> dict[str, Any]:
+    """Run ``python -m benchmarks.throughput ARGS`` in a fresh interpreter.
+
+    Returns its last line of output, parsed as JSON.
+    """
+    cmd = [sys.executable, "-m", "benchmarks.throughput", *args]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if res.returncode != 0:
-        print(f"  memory probe {framework} {net} {batch} failed: {res.stderr.strip()[-300:]}",
-              file=sys.stderr)  # fmt: skip
+        raise RuntimeError(f"{' '.join(args)} failed:\n{res.stderr.strip()[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run_memory_probe(framework: str, net: str, batch: int, kind: str, dry: bool) -> float | None:
+    """:func:`memory_probe` in a fresh interpreter; None (and a note on stderr) on failure."""
+    try:
+        out = run_child(["--memory-probe", f"{framework}:{net}:{batch}:{kind}:{int(dry)}"])
+    except RuntimeError as e:
+        print(f"  memory probe {framework} {net} {batch}: {e}", file=sys.stderr)
         return None
-    return float(json.loads(res.stdout.strip().splitlines()[-1])["peak_mib"])
+    return float(out["peak_mib"])
 
 
 # ----------------------------------------------------------------------------- environment
@@ -472,8 +500,11 @@ def environment(target: Target) -> dict[str, Any]:
         "numpy": np.__version__,
         "xcnn": xcnn.__version__,
         "blas": _blas(),
-        "thread_env": {k: v for k, v in sorted(os.environ.items())
-                       if k.startswith(("OPENBLAS_", "OMP_", "MKL_", "GOTO"))},  # fmt: skip
+        "thread_env": {
+            k: v
+            for k, v in sorted(os.environ.items())
+            if k.startswith(("OPENBLAS_", "OMP_", "MKL_", "GOTO"))
+        },
         "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "fast_paths": _fast_paths_state(),
     }

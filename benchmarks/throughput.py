@@ -36,18 +36,18 @@ class Config:
     repeats: int
     block_s: float
     warmup_s: float
-    tutorial_images: int
+    tutorial_s: float  # block length of the tutorial's loop in each round
     check_batch: int = 16
     settle_s: float = 0.3
 
     @classmethod
     def make(cls, kind: str, quick: bool, dry: bool) -> Config:
         if dry:
-            return cls((2, 4), 8, 2, 0.01, 0.01, 3, check_batch=4, settle_s=0.01)
+            return cls((2, 4), 8, 2, 0.01, 0.01, 0.05, check_batch=4, settle_s=0.01)
         batches = (128, 1024, 8192) if kind == "gpu" else (1, 32, 128)
         if quick:
-            return cls(batches, 1000, 3, 0.25, 0.25, 60)
-        return cls(batches, 1000, 5, 0.6, 0.5, 300)
+            return cls(batches, 1000, 3, 0.25, 0.25, 1.0)
+        return cls(batches, 1000, 5, 0.6, 0.5, 2.0)
 
 
 # What issue 4 asks for: (what, net, batch, comparison, threshold).
@@ -81,8 +81,9 @@ def check_net(net: str, target: Target, mode: str, cfg: Config) -> common.Check:
     return common.compare(net, model, module, x, y, rtol)
 
 
-def time_training(net: str, batch: int, target: Target, modes: list[str], cfg: Config
-                  ) -> dict[str, Timing]:  # fmt: skip
+def time_training(
+    net: str, batch: int, target: Target, modes: list[str], cfg: Config
+) -> dict[str, Timing]:
     """Images/s of xcnn and of each PyTorch mode on the same net, weights and data."""
     n_batches = 4
     x, y = common.make_data(batch * n_batches)
@@ -93,6 +94,8 @@ def time_training(net: str, batch: int, target: Target, modes: list[str], cfg: C
     step = common.xcnn_step(model)
     xsync, tsync = common.syncs(target, model)
     contestants.append(Contestant("xcnn", _cycler(step, data), batch, xsync))
+    if net == "seed" and target.kind == "cpu":
+        contestants.append(tutorial_contestant(model, cfg))
     if modes:
         import torch
 
@@ -102,11 +105,21 @@ def time_training(net: str, batch: int, target: Target, modes: list[str], cfg: C
             yt = torch.as_tensor(y, device=target.torch_device)
             tstep = common.torch_step(module)
             contestants.append(
-                Contestant(f"torch-{mode}", _cycler(tstep, common.batches(xt, yt, batch)),
-                           batch, tsync, before=_mode_setter(mode))  # fmt: skip
+                Contestant(
+                    f"torch-{mode}",
+                    _cycler(tstep, common.batches(xt, yt, batch)),
+                    batch,
+                    tsync,
+                    before=_mode_setter(mode),
+                )
             )
-    return race(contestants, repeats=cfg.repeats, block_s=cfg.block_s, warmup_s=cfg.warmup_s,
-                settle_s=cfg.settle_s)
+    return race(
+        contestants,
+        repeats=cfg.repeats,
+        block_s=cfg.block_s,
+        warmup_s=cfg.warmup_s,
+        settle_s=cfg.settle_s,
+    )
 
 
 def time_inference(net: str, target: Target, modes: list[str], cfg: Config) -> dict[str, Timing]:
@@ -130,31 +143,56 @@ def time_inference(net: str, target: Target, modes: list[str], cfg: Config) -> d
             contestants.append(
                 Contestant(f"torch-{mode}", run, len(x), tsync, before=_mode_setter(mode))
             )
-    return race(contestants, repeats=cfg.repeats, block_s=cfg.block_s, warmup_s=cfg.warmup_s,
-                settle_s=cfg.settle_s)
+    return race(
+        contestants,
+        repeats=cfg.repeats,
+        block_s=cfg.block_s,
+        warmup_s=cfg.warmup_s,
+        settle_s=cfg.settle_s,
+    )
 
 
-def time_tutorial(cfg: Config) -> Timing:
-    """The tutorial's per-image loops (benchmarks/naive.py) on the seed net, one image a step."""
+def tutorial_contestant(model: xcnn.Sequential, cfg: Config) -> Contestant:
+    """The tutorial's per-image loops (benchmarks/naive.py), ``model``'s weights, one image a step.
+
+    Raced in the same rounds as xcnn's seed net, so xcnn/tutorial is a ratio
+    within one process and one round like xcnn/torch.
+    """
     from benchmarks.naive import NaiveNet
 
-    model = common.build_xcnn("seed", "numpy")
     p = common.torch_params(model)
     net = NaiveNet(seed=0)
-    net.set_weights(p[0]["weight"], p[3]["weight"], p[3]["bias"])
+    net.set_weights(p[0]["weight"], p[3]["weight"], p[3]["bias"])  # no conv bias: zero
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(cfg.tutorial_images, 28, 28)).astype(np.uint8)
-    labels = rng.integers(0, 10, size=cfg.tutorial_images)
-    it = iter(range(10**9))
+    images = rng.integers(0, 256, size=(64, 28, 28)).astype(np.uint8)  # raw pixels
+    labels = rng.integers(0, 10, size=64)
+    state = {"i": 0}
 
     def run() -> None:
-        i = next(it) % len(images)
+        i = state["i"] % len(images)
+        state["i"] += 1
         net.train_step(images[i], int(labels[i]), 0.005)
 
-    # One block of all the images per repeat: the loop is slow and very steady.
-    block = cfg.tutorial_images / 40.0  # ~40 img/s: the block then covers every image
-    return race([Contestant("tutorial", run, 1)], repeats=max(2, cfg.repeats // 2),
-                block_s=block, warmup_s=min(block, 0.5) / 4, settle_s=cfg.settle_s)["tutorial"]  # fmt: skip
+    return Contestant("tutorial", run, 1, block_s=cfg.tutorial_s)
+
+
+def _child(spec: str, target: Target, cfg: Config) -> dict[str, Any]:
+    """Time one configuration; runs in a fresh process started by :func:`main`.
+
+    A fresh process per configuration gives every row the same history: on
+    the CPU PyTorch's speed depends on the C allocator's state (glibc raises
+    its thresholds for returning memory to the system after large frees), so
+    the seed net trains up to 2x faster in a process that trained LeNet first.
+    """
+    kind, *rest = spec.split(":")
+    modes = [m for m in rest[-1].split(",") if m]
+    if kind == "train":
+        timings = time_training(rest[0], int(rest[1]), target, modes, cfg)
+    elif kind == "infer":
+        timings = time_inference(rest[0], target, modes, cfg)
+    else:
+        raise ValueError(f"unknown child spec {spec!r}")
+    return {k: v.as_dict() for k, v in timings.items()}
 
 
 def _cycler(step: Any, data: list[tuple[Any, Any]]) -> Any:
@@ -177,6 +215,16 @@ def ratio(a: float, b: float) -> float:
     return a / b if b and np.isfinite(a) and np.isfinite(b) else float("nan")
 
 
+def paired_ratio(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Median over rounds of a's rate / b's rate, both timed back to back in each round.
+
+    On a machine whose speed drifts by 15-30% over minutes, the ratio within a
+    round is far steadier than the ratio of two medians.
+    """
+    pairs = [x / y for x, y in zip(a["rates"], b["rates"], strict=False) if y]
+    return float(np.median(pairs)) if pairs else float("nan")
+
+
 def fmt_ratio(r: float, digits: int = 2) -> str:
     return "-" if not np.isfinite(r) else f"{r:.{digits}f}x"
 
@@ -194,30 +242,46 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.throughput",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    ap.add_argument("--dry-run", action="store_true",
-                    help="run the chosen device's code path on the CPU (NumPy, torch CPU) "
-                    "with tiny sizes, to check the script itself")  # fmt: skip
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="run the chosen device's code path on the CPU (NumPy, torch CPU) "
+        "with tiny sizes, to check the script itself",
+    )
     ap.add_argument("--quick", action="store_true", help="fewer, shorter repeats")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     ap.add_argument("--json", metavar="FILE", help="also write every number to FILE")
     ap.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.memory_probe:  # internal: one configuration in a fresh process
         fw, net, batch, kind, dry = args.memory_probe.split(":")
         print(json.dumps(common.memory_probe(fw, net, int(batch), kind, dry == "1")))
         return 0
-
     cfg = Config.make(args.device, args.quick, args.dry_run)
     target = common.make_target(args.device, args.dry_run)
+    if args.child:  # internal: time one configuration in a fresh process
+        print(json.dumps(_child(args.child, target, cfg)))
+        return 0
     modes = target.torch_modes()
     env = common.environment(target)
-    out: dict[str, Any] = {"env": env, "config": cfg.__dict__, "device": args.device,
-                           "dry_run": args.dry_run, "checks": {}, "training": [],
-                           "inference": [], "tutorial": None, "targets": []}  # fmt: skip
+    out: dict[str, Any] = {
+        "env": env,
+        "config": cfg.__dict__,
+        "device": args.device,
+        "dry_run": args.dry_run,
+        "checks": {},
+        "training": [],
+        "inference": [],
+        "targets": [],
+    }
     title = f"xcnn throughput: {args.device.upper()}"
     if args.dry_run:
         title += " code path, DRY RUN on the CPU with tiny sizes (numbers mean nothing)"
@@ -237,33 +301,34 @@ def main(argv: list[str] | None = None) -> int:
             if chk.ok:
                 allowed[net].append(mode)
 
-    # 2. Training throughput.
+    # 2. Training throughput, each configuration in a fresh process (see _child).
+    flags = ["--device", args.device] + ["--dry-run"] * args.dry_run + ["--quick"] * args.quick
     for net in common.NETS:
         for batch in cfg.train_batches:
             log(f"training {net} batch {batch} ...")
-            t = time_training(net, batch, target, allowed[net], cfg)
-            out["training"].append({"net": net, "batch": batch,
-                                    **{k: v.as_dict() for k, v in t.items()}})  # fmt: skip
-    # 3. The tutorial's loops (a CPU baseline).
-    if args.device == "cpu":
-        log(f"tutorial loop, {cfg.tutorial_images} images ...")
-        out["tutorial"] = time_tutorial(cfg).as_dict()
-    # 4. Inference.
+            t = common.run_child(
+                ["--child", f"train:{net}:{batch}:{','.join(allowed[net])}", *flags]
+            )
+            out["training"].append({"net": net, "batch": batch, **t})
+    # 3. Inference.
     for net in common.NETS:
         log(f"inference {net} batch {cfg.infer_batch} ...")
-        t = time_inference(net, target, allowed[net], cfg)
-        out["inference"].append({"net": net, "batch": cfg.infer_batch,
-                                 **{k: v.as_dict() for k, v in t.items()}})  # fmt: skip
-    # 5. Peak memory, one fresh process per configuration.
+        t = common.run_child(["--child", f"infer:{net}:{','.join(allowed[net])}", *flags])
+        out["inference"].append({"net": net, "batch": cfg.infer_batch, **t})
+    # 4. Peak memory, one fresh process per configuration.
     if not args.no_memory:
         for row in out["training"]:
             log(f"peak memory {row['net']} batch {row['batch']} ...")
             row["mem_xcnn"] = common.run_memory_probe(
-                "xcnn", row["net"], row["batch"], args.device, args.dry_run)
+                "xcnn", row["net"], row["batch"], args.device, args.dry_run
+            )
             if modes and allowed[row["net"]]:
                 row["mem_torch"] = common.run_memory_probe(
-                    "torch", row["net"], row["batch"], args.device, args.dry_run)
-    out["env"]["load_avg_end"] = common.os.getloadavg() if hasattr(common.os, "getloadavg") else None
+                    "torch", row["net"], row["batch"], args.device, args.dry_run
+                )
+    out["env"]["load_avg_end"] = (
+        common.os.getloadavg() if hasattr(common.os, "getloadavg") else None
+    )
 
     print()
     print(_training_table(out, modes))
@@ -297,7 +362,6 @@ def _env_lines(env: dict[str, Any], target: Target) -> str:
 
 
 def _training_table(out: dict[str, Any], modes: list[str]) -> str:
-    tut = out["tutorial"]["median"] if out["tutorial"] else float("nan")
     header = ["net", "batch", "xcnn img/s"]
     for m in modes:
         header += [f"torch-{m} img/s", f"xcnn/torch-{m}"]
@@ -308,10 +372,13 @@ def _training_table(out: dict[str, Any], modes: list[str]) -> str:
         cells = [r["net"], str(r["batch"]), _t(r["xcnn"])]
         for m in modes:
             t = r.get(f"torch-{m}")
-            cells += [_t(t) if t else "skipped", fmt_ratio(ratio(x, t["median"])) if t else "-"]
+            cells += [
+                _t(t) if t else "skipped",
+                fmt_ratio(paired_ratio(r["xcnn"], t)) if t else "-",
+            ]
         mx, mt = r.get("mem_xcnn"), r.get("mem_torch")
         cells += [
-            fmt_ratio(ratio(x, tut), 0) if r["net"] == "seed" else "-",
+            fmt_ratio(paired_ratio(r["xcnn"], r["tutorial"]), 0) if "tutorial" in r else "-",
             f"{common.EPOCH_IMAGES / x:.1f}",
             fmt_mib(mx),
             fmt_mib(mt),
@@ -320,10 +387,13 @@ def _training_table(out: dict[str, Any], modes: list[str]) -> str:
         rows.append(cells)
     text = "Training, SGD float32: images/s, median of repeats ±half the min-max spread\n"
     text += table(rows, header)
-    if out["tutorial"]:
-        t = out["tutorial"]
-        text += (f"\ntutorial loop (benchmarks/naive.py, seed net, one image per step): "
-                 f"{t['median']:.1f} img/s ±{t['spread'] * 100:.0f}%")  # fmt: skip
+    tut = [r["tutorial"] for r in out["training"] if "tutorial" in r]
+    if tut:
+        rates = [v for t in tut for v in t["rates"]]
+        text += (
+            f"\ntutorial loop (benchmarks/naive.py, seed net, one image per step), raced "
+            f"in the seed rows: {Timing(rates).fmt()} img/s over {len(rates)} blocks"
+        )
     return text
 
 
@@ -336,8 +406,10 @@ def _inference_table(out: dict[str, Any], modes: list[str]) -> str:
         cells = [r["net"], str(r["batch"]), _t(r["xcnn"])]
         for m in modes:
             t = r.get(f"torch-{m}")
-            cells += [_t(t) if t else "skipped",
-                      fmt_ratio(ratio(r["xcnn"]["median"], t["median"])) if t else "-"]  # fmt: skip
+            cells += [
+                _t(t) if t else "skipped",
+                fmt_ratio(paired_ratio(r["xcnn"], t)) if t else "-",
+            ]
         rows.append(cells)
     return "Inference (forward only, no autograd / no caches)\n" + table(rows, header)
 
@@ -349,7 +421,6 @@ def _t(t: dict[str, Any]) -> str:
 def _targets(out: dict[str, Any], device: str) -> str:
     ref = "torch-fp32" if device == "gpu" else "torch-cpu"
     lines = [f"Targets (issue 4; ratios against {ref}, same run):"]
-    tut = out["tutorial"]["median"] if out["tutorial"] else float("nan")
     for what, net, batch, op, thr in GPU_TARGETS if device == "gpu" else CPU_TARGETS:
         kind, vs = what.split("/")
         rows = out["inference"] if kind == "infer" else out["training"]
@@ -360,9 +431,9 @@ def _targets(out: dict[str, Any], device: str) -> str:
                 mx, mt = row.get("mem_xcnn"), row.get("mem_torch")
                 value = ratio(mx, mt) if mx is not None and mt else float("nan")
             elif vs == "tutorial":
-                value = ratio(row["xcnn"]["median"], tut)
+                value = paired_ratio(row["xcnn"], row["tutorial"]) if "tutorial" in row else value
             elif ref in row:
-                value = ratio(row["xcnn"]["median"], row[ref]["median"])
+                value = paired_ratio(row["xcnn"], row[ref])
         met = (value >= thr if op == ">=" else value <= thr) if np.isfinite(value) else None
         verdict = "n/a" if met is None else ("met" if met else "MISSED")
         label = f"{kind} {net} batch {batch}: xcnn/{vs} {op} {thr:g}x"
@@ -374,26 +445,32 @@ def _targets(out: dict[str, Any], device: str) -> str:
 def _footer(out: dict[str, Any], target: Target, cfg: Config, args: Any) -> str:
     mem = common.MEMORY_METHOD["gpu" if target.on_gpu else "rss"]
     la = out["env"].get("load_avg_end")
-    return "\n".join([
-        "Method:",
-        f"- img/s: {cfg.repeats} interleaved repeats (xcnn, torch, xcnn, ...) of a "
-        f"~{cfg.block_s:g} s block of steps after >= {cfg.warmup_s:g} s warm-up; batches are "
-        "slices of a device array of 4 batches of random images; one step = forward, mean "
-        "softmax cross-entropy, backward (no input gradient), SGD update (lr 0.01).",
-        "- both frameworks start from the same weights (xcnn's, copied into "
-        "benchmarks/torch_ref.build) and were checked to give the same loss and gradients.",
-        "- torch-cpu: eager PyTorch, torch.set_num_threads(os.cpu_count()); torch-fp32: "
-        "CUDA with TF32 off (cudnn.allow_tf32 = matmul.allow_tf32 = False); torch-default: "
-        "PyTorch's defaults (TF32 convolutions). GPU timings synchronise the device "
-        "before starting and before stopping the clock.",
-        f"- peak memory: {mem}." if not args.no_memory else "- peak memory: not measured.",
-        f"- epoch s (est.): {common.EPOCH_IMAGES:,} / training img/s, compute only; the "
-        "measured epoch time and test accuracy on MNIST are benchmarks/accuracy.py's.",
-        "- xcnn/tutorial: xcnn img/s over the tutorial loop's (one image per step, "
-        "Python loops over pixels).",
-        "- load average at end: " + (" ".join(f"{v:.2f}" for v in la) if la else "n/a")
-        + " (the machine may be shared; compare ratios, not absolute numbers).",
-    ])
+    return "\n".join(
+        [
+            "Method:",
+            f"- img/s: {cfg.repeats} rounds, each timing a ~{cfg.block_s:g} s block of steps of "
+            f"xcnn then of torch (after >= {cfg.warmup_s:g} s warm-up each and a "
+            f"{cfg.settle_s:g} s pause before every block, so idle thread pools stop spinning); "
+            "xcnn/torch is the median over rounds of the ratio within a round; batches are "
+            "slices of a device array of 4 batches of random images; one step = forward, mean "
+            "softmax cross-entropy, backward (no input gradient), SGD update (lr 0.01).",
+            "- both frameworks start from the same weights (xcnn's, copied into "
+            "benchmarks/torch_ref.build) and were checked to give the same loss and gradients.",
+            "- torch-cpu: eager PyTorch, torch.set_num_threads(os.cpu_count()); torch-fp32: "
+            "CUDA with TF32 off (cudnn.allow_tf32 = matmul.allow_tf32 = False); torch-default: "
+            "PyTorch's defaults (TF32 convolutions). GPU timings synchronise the device "
+            "before starting and before stopping the clock.",
+            f"- peak memory: {mem}." if not args.no_memory else "- peak memory: not measured.",
+            f"- epoch s (est.): {common.EPOCH_IMAGES:,} / training img/s, compute only; the "
+            "measured epoch time and test accuracy on MNIST are benchmarks/accuracy.py's.",
+            f"- xcnn/tutorial: the tutorial's loops (benchmarks/naive.py: one image per step, "
+            f"Python loops over pixels, same weights) take part in every seed-net round with a "
+            f"~{cfg.tutorial_s:g} s block; median over rounds of xcnn's rate / the tutorial's.",
+            "- load average at end: "
+            + (" ".join(f"{v:.2f}" for v in la) if la else "n/a")
+            + " (the machine may be shared; compare ratios, not absolute numbers).",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -119,8 +119,11 @@ def test_conv_accepts_any_input_layout():
     y_ref, saved_ref = generic(F.conv2d_train, x, w, None)
     close(y, y_ref)
     dy = np.asfortranarray(rng.standard_normal(y.shape))
-    for got, ref in zip(F.conv2d_train_backward(dy, saved, w),
-                        F.conv2d_train_backward(dy, saved_ref, w), strict=True):  # fmt: skip
+    for got, ref in zip(
+        F.conv2d_train_backward(dy, saved, w),
+        F.conv2d_train_backward(dy, saved_ref, w),
+        strict=True,
+    ):
         close(got, ref)
 
 
@@ -146,8 +149,16 @@ def test_conv_mixed_dtypes_use_the_generic_path():
 
 # ----------------------------------------------------------------------------- max pooling
 @pytest.mark.parametrize(
-    "k,s,hw", [(2, 2, (6, 8)), (2, 2, (7, 5)), (3, 3, (7, 8)), (3, 2, (7, 7)), (2, 1, (5, 4)),
-               (1, 1, (3, 3)), (3, 1, (4, 6))],  # fmt: skip
+    "k,s,hw",
+    [
+        (2, 2, (6, 8)),
+        (2, 2, (7, 5)),
+        (3, 3, (7, 8)),
+        (3, 2, (7, 7)),
+        (2, 1, (5, 4)),
+        (1, 1, (3, 3)),
+        (3, 1, (4, 6)),
+    ],
 )
 @pytest.mark.parametrize("values", ["random", "ties"])
 def test_maxpool_fast_equals_generic(k, s, hw, values):
@@ -171,12 +182,45 @@ def test_maxpool_fast_equals_generic(k, s, hw, values):
         assert not dx[:, :, :, (ow - 1) * s + k :].any()
 
 
+@pytest.mark.parametrize(
+    "k,s,hw",
+    [
+        (2, 2, (6, 8)),
+        (2, 2, (7, 5)),
+        (3, 3, (8, 7)),
+        (3, 2, (7, 7)),
+        (1, 1, (3, 4)),
+        (2, 3, (8, 8)),
+    ],
+)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_maxpool_values_equal_max_pool2d(k, s, hw, layout):
+    rng = np.random.default_rng(k * 7 + s)
+    x = rng.standard_normal((2, 5, *hw))
+    if layout == "nhwc":
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    x = readonly(x)
+    y = F.max_pool2d_values(x, k, s)
+    np.testing.assert_array_equal(y, generic(F.max_pool2d_values, x, k, s))
+    np.testing.assert_array_equal(y, generic(F.max_pool2d, x, k, s)[0])
+
+
+def test_maxpool_layer_inference_gives_the_training_values():
+    x = np.random.default_rng(5).standard_normal((3, 4, 9, 9))
+    pool = xcnn.MaxPool2D(3).build()
+    y_infer = pool.forward(x, train=False)
+    assert pool.cache == {}
+    np.testing.assert_array_equal(y_infer, pool.forward(x, train=True))
+
+
 def test_maxpool_all_equal_window_routes_to_top_left():
     x = np.zeros((1, 1, 4, 4))
     _, mask = F.max_pool2d(x, 2, 2)
     assert mask[0, 0, 0].all() and not mask[0, 0, 1:].any()
     dx = F.max_pool2d_backward(np.ones((1, 1, 2, 2)), mask, x.shape, 2, 2)
-    np.testing.assert_array_equal(dx[0, 0], [[1, 0, 1, 0], [0, 0, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(
+        dx[0, 0], [[1, 0, 1, 0], [0, 0, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]]
+    )
 
 
 def test_maxpool_keeps_an_nhwc_layout_and_its_values():
@@ -190,8 +234,10 @@ def test_maxpool_keeps_an_nhwc_layout_and_its_values():
     np.testing.assert_array_equal(mask, mask_ref)
     assert y.transpose(0, 2, 3, 1).flags.c_contiguous  # layout kept for the next layer
     dy = rng.standard_normal(y.shape)
-    close(F.max_pool2d_backward(dy, mask, x.shape, 2, 2),
-          generic(F.max_pool2d_backward, dy, mask_ref, x.shape, 2, 2))  # fmt: skip
+    close(
+        F.max_pool2d_backward(dy, mask, x.shape, 2, 2),
+        generic(F.max_pool2d_backward, dy, mask_ref, x.shape, 2, 2),
+    )
 
 
 def test_maxpool_nan_and_inf_match_the_generic_code():
@@ -216,8 +262,7 @@ def test_relu_fast_equals_generic_including_nan_and_signed_zero():
     np.testing.assert_array_equal(y, y_ref)  # NaN -> 0 in both
     np.testing.assert_array_equal(mask, mask_ref)
     dy = readonly([[np.nan, np.inf, 1.0, 2.0, 3.0, np.nan, 5.0, 6.0]])
-    np.testing.assert_array_equal(F.relu_backward(dy, mask),
-                                  generic(F.relu_backward, dy, mask_ref))  # fmt: skip
+    np.testing.assert_array_equal(F.relu_backward(dy, mask), generic(F.relu_backward, dy, mask_ref))
     dy = readonly(np.random.default_rng(0).standard_normal(x.shape))
     np.testing.assert_array_equal(F.relu_backward(dy, mask), generic(F.relu_backward, dy, mask))
     assert F.relu(x.astype(np.float32))[0].dtype == np.float32
@@ -225,9 +270,17 @@ def test_relu_fast_equals_generic_including_nan_and_signed_zero():
 
 # ----------------------------------------------------------------------------- whole models
 def _small_lenet():
-    return [xcnn.Conv2D(1, 4, 3), xcnn.ReLU(), xcnn.Conv2D(4, 6, 3, padding="same"),
-            xcnn.ReLU(), xcnn.MaxPool2D(2), xcnn.Flatten(), xcnn.Dense(6 * 5 * 5, 7),
-            xcnn.ReLU(), xcnn.Dense(7, 3)]  # fmt: skip
+    return [
+        xcnn.Conv2D(1, 4, 3),
+        xcnn.ReLU(),
+        xcnn.Conv2D(4, 6, 3, padding="same"),
+        xcnn.ReLU(),
+        xcnn.MaxPool2D(2),
+        xcnn.Flatten(),
+        xcnn.Dense(6 * 5 * 5, 7),
+        xcnn.ReLU(),
+        xcnn.Dense(7, 3),
+    ]
 
 
 @pytest.mark.parametrize("input_grad", [True, False])
@@ -255,8 +308,14 @@ def test_model_step_fast_equals_generic(input_grad, small_chunks):
 
 def test_fast_paths_off_by_environment():
     code = "from xcnn import _fast; print(_fast.ENABLED)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         env={"XCNN_FAST": "0", "PATH": ""}, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"XCNN_FAST": "0", "PATH": ""},
+        check=True,
+    )
     assert out.stdout.strip() == "False"
 
 
@@ -266,3 +325,98 @@ def test_other_namespaces_never_take_the_fast_path():
     w = xps.ones((2, 1, 3, 3))
     y, saved = F.conv2d_train(x, w)
     assert "col" in saved and not _fast.applies(x)
+
+
+# ----------------------------------------------------------------------------- recycled memory
+def test_recycled_memory_never_changes_an_array_someone_holds():
+    rng = np.random.default_rng(6)
+    x1, x2 = rng.standard_normal((2, 3, 8, 8)), rng.standard_normal((2, 3, 8, 8))
+    y1, mask1 = F.relu(x1)
+    view = F.relu(x1)[0][0, 1]  # only a view of the second result survives
+    keep = y1.copy(), mask1.copy(), view.copy()
+    for _ in range(3):
+        F.relu(x2)  # results dropped at once: their memory is free to reuse
+    np.testing.assert_array_equal(y1, keep[0])
+    np.testing.assert_array_equal(mask1, keep[1])
+    np.testing.assert_array_equal(view, keep[2])
+
+
+@pytest.mark.skipif(
+    sys.implementation.name != "cpython", reason="reuse relies on CPython refcounts"
+)
+def test_recycled_memory_is_reused_once_dropped():
+    _fast.release_memory()  # no free buffer of this size left over from other tests
+    x = np.random.default_rng(7).standard_normal((4, 6, 10, 10))
+    y = F.relu(x)[0]
+    address = y.__array_interface__["data"][0]
+    del y
+    y = F.relu(x)[0]
+    assert y.__array_interface__["data"][0] == address
+    np.testing.assert_array_equal(y, np.fmax(x, 0))
+
+
+def test_recycler_forgets_old_buffers_and_threads_do_not_share():
+    import threading
+
+    for size in range(1, 2 * _fast._Recycler.max_buffers):
+        _fast._recycle.empty((size,), np.float64)
+    assert len(_fast._recycle.buffers) <= _fast._Recycler.max_buffers
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(len(_fast._recycle.buffers)))
+    t.start()
+    t.join()
+    assert seen == [0]
+    _fast.release_memory()
+    assert _fast._recycle.buffers == []
+
+
+def test_training_twice_gives_identical_results():
+    """Recycled buffers hold stale values: every output must be fully written."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((3, 1, 12, 12))
+    labels = rng.integers(0, 3, 3)
+
+    def run():
+        model = xcnn.Sequential(_small_lenet(), dtype="float64", seed=2)
+        loss, d = xcnn.softmax_cross_entropy(model.forward(x), labels)
+        dx = model.backward(d)
+        return [np.array(loss), dx.copy()] + [
+            g.copy() for lay in model.layers for g in lay.grads.values()
+        ]
+
+    first = run()
+    for got, want in zip(run(), first, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+# ----------------------------------------------------------------------------- the benchmark
+@pytest.mark.slow
+def test_benchmark_gpu_code_path_dry_run(tmp_path):
+    """The GPU benchmark's code path (syncs, both PyTorch modes, children) on NumPy / torch CPU."""
+    out = tmp_path / "dry.json"
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.throughput",
+            "--dry-run",
+            "--device",
+            "gpu",
+            "--no-memory",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "DRY RUN" in res.stdout and "Targets" in res.stdout
+    import json
+
+    data = json.loads(out.read_text())
+    assert [r["batch"] for r in data["training"]] == [2, 4, 2, 4]
+    if "torch" in data["env"] and "not installed" not in str(data["env"]["torch"]):
+        assert all(c["ok"] for c in data["checks"].values())
+        assert {"xcnn", "torch-fp32", "torch-default"} <= set(data["training"][0])

@@ -4,7 +4,7 @@ The same layers, forward and backprop run on NumPy (CPU) or CuPy (CUDA GPU),
 chosen by ``backend=`` when a model is built.
 """
 
-from . import functional, io, models, training
+from . import datasets, functional, io, models, testing, training
 from .backend import Backend, BackendError, resolve_backend, to_numpy
 from .io import load, save
 from .layers import AvgPool2D, Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU, Softmax
@@ -32,6 +32,7 @@ __all__ = [
     "Sequential",
     "Softmax",
     "build_model",
+    "datasets",
     "evaluate",
     "fit",
     "functional",
@@ -43,6 +44,7 @@ __all__ = [
     "resolve_backend",
     "save",
     "softmax_cross_entropy",
+    "testing",
     "to_numpy",
     "training",
 ]

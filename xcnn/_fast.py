@@ -23,7 +23,7 @@ off. What was measured (2-core AMD EPYC, OpenBLAS; ``benchmarks/README.md``):
   zero in dy) a kernel offset (i, j) is a shift of ``i*W + j`` rows of the
   flattened NHWC image. So ``dx`` is 9 small matrix products each added to one
   contiguous row range, and ``dW[i, j]`` is ``dy^T`` times a shifted view of the
-  input (no copy). Scattering an im2col gradient instead costs 2x more.
+  input (no copy). Scattering an im2col gradient instead costs 1.5x more.
 - **Single channel.** For C = 1 (a first layer) each shifted image is one run
   of OW floats, so the columns are built transposed, (KH*KW, N*OH*OW), and
   BLAS reads them transposed.
@@ -31,11 +31,21 @@ off. What was measured (2-core AMD EPYC, OpenBLAS; ``benchmarks/README.md``):
   ``fmax`` and a multiply by a boolean mask; where a multiply would turn a
   non-finite gradient into NaN instead of 0, a cheap check falls back to the
   exact generic code.
+- **No fresh pages.** Every array made here lives in memory recycled from
+  earlier calls once nothing refers to it any more (:class:`_Recycler`):
+  page faults and the kernel zeroing fresh pages cost as much as the math of
+  an element-wise layer, and made the per-step time swing with the C
+  allocator's state.
+- **Inference.** Max-pooling without a mask takes the max of K rows, then of
+  K columns: 2 passes instead of K*K - 1, one of them over long runs.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import sys
+import threading
 from typing import Any
 
 import numpy as np
@@ -45,7 +55,7 @@ from numpy.lib.stride_tricks import as_strided
 ENABLED = os.environ.get("XCNN_FAST", "1") != "0"
 
 #: Bytes of im2col workspace per chunk of images: fits the L2/L3 caches of common CPUs.
-CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = 2 << 20
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -62,6 +72,72 @@ def applies(*arrays: Any) -> bool:
             return False
         dtype = a.dtype
     return True
+
+
+def _refs(buffers: list[np.ndarray], i: int) -> int:
+    """The reference count of ``buffers[i]`` (the list's reference included)."""
+    return sys.getrefcount(buffers[i])
+
+
+#: What :func:`_refs` reports for a buffer that only its list holds (2 on CPython 3.10-3.13);
+#: -1 (never reuse) where reference counts are not exact: other Pythons, free-threaded CPython.
+_UNHELD = (
+    _refs([np.empty(1, np.uint8)], 0)
+    if sys.implementation.name == "cpython" and getattr(sys, "_is_gil_enabled", lambda: True)()
+    else -1
+)
+
+
+class _Recycler(threading.local):
+    """Memory for the arrays this module makes, reused once nothing else refers to it.
+
+    A training step allocates the same large outputs every time (about 190 MB
+    for LeNet at batch 128), and fresh memory costs a page fault and the
+    kernel zeroing each page: on a VM as much time as the arithmetic of an
+    element-wise layer. A buffer is handed out again only when its CPython
+    reference count shows that this list is its only holder, so no array a
+    caller still holds (or any view of it) ever changes. Buffers are kept per
+    thread, the most recently used last; beyond ``max_buffers`` the oldest is
+    forgotten (and freed when its last user lets go).
+    """
+
+    max_buffers = 64
+
+    def __init__(self) -> None:
+        self.buffers: list[np.ndarray] = []  # 1-D uint8 arrays
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """An uninitialised C-contiguous array, in recycled memory when possible."""
+        dtype = np.dtype(dtype)
+        nbytes = dtype.itemsize * math.prod(shape)
+        buffers = self.buffers
+        for i in range(len(buffers)):  # (no loop variable: it would hold a reference)
+            if buffers[i].nbytes == nbytes and _refs(buffers, i) == _UNHELD:
+                buffers.append(buffers.pop(i))
+                break
+        else:
+            buffers.append(np.empty(nbytes, np.uint8))
+            if len(buffers) > self.max_buffers:
+                del buffers[0]
+        return buffers[-1].view(dtype).reshape(shape)
+
+    def like(self, a: np.ndarray, dtype: Any = None) -> np.ndarray:
+        """An uninitialised array shaped like ``a`` with ``a``'s axis order in memory.
+
+        Element-wise passes over operands with one layout run over contiguous
+        memory; mixing an NHWC operand with an NCHW one would not.
+        """
+        order = _memory_order(a)
+        mem = self.empty(tuple(a.shape[ax] for ax in order), a.dtype if dtype is None else dtype)
+        return mem.transpose(tuple(order.index(ax) for ax in range(a.ndim)))
+
+
+_recycle = _Recycler()
+
+
+def release_memory() -> None:
+    """Forget the recycled buffers of this thread (they are freed once unused)."""
+    _recycle.buffers.clear()
 
 
 def _chunk(n: int, row_bytes: int) -> int:
@@ -82,7 +158,7 @@ def _nhwc(x: np.ndarray, pads: tuple[int, int, int, int]) -> np.ndarray:
 
 
 def _shifted(flat: np.ndarray, kh: int, kw: int, row_w: int, rows: int) -> np.ndarray:
-    """Read-only view (KH, KW, rows, C) of ``flat`` (R, C): entry [i, j] is ``flat[i*row_w + j:][:rows]``.
+    """Read-only view (KH, KW, rows, C) of ``flat`` (R, C), [i, j] = ``flat[i*row_w + j:][:rows]``.
 
     On the full-width grid this is what kernel offset (i, j) sees, for every
     output position at once, without copying.
@@ -110,38 +186,51 @@ def conv2d(
     n, hp, wp, _ = xh.shape
     oh, ow = hp - kh + 1, wp - kw + 1
     wmat = w.transpose(2, 3, 1, 0).reshape(kh * kw * c, f)  # (KH*KW*C, F), rows (i, j, c)
-    y = np.empty((n * oh * ow, f), dtype=x.dtype)  # rows (n, oh, ow): NHWC
+    y = _recycle.empty((n * oh * ow, f), x.dtype)  # rows (n, oh, ow): NHWC
     if c == 1:
-        # Single channel: columns transposed, each row a copy of runs of OW floats.
-        saved["cols"] = colt = _cols_t(xh, kh, kw, oh, ow)  # (KH*KW, N*OH*OW)
-        np.matmul(colt.T, wmat, out=y)
+        # Single channel: columns transposed, each row a copy of runs of OW floats,
+        # plus a row of ones that multiplies the bias (no separate pass adding it).
+        saved["cols"] = colt = _cols_t(xh, kh, kw, oh, ow)  # (KH*KW + 1, N*OH*OW)
+        if b is None:
+            np.matmul(colt[:-1].T, wmat, out=y)
+        else:
+            np.matmul(colt.T, np.concatenate([wmat, b[None]]), out=y)  # (KH*KW + 1, F)
     else:
         step = _chunk(n, oh * ow * kh * kw * c * x.itemsize)
-        col = np.empty((step, oh, ow, kh, kw, c), dtype=x.dtype)  # reused by every chunk
+        col = _recycle.empty((step, oh, ow, kh, kw, c), x.dtype)  # reused by every chunk
         for n0 in range(0, n, step):
             n1 = min(n, n0 + step)
             for i in range(kh):
                 for j in range(kw):
                     col[: n1 - n0, :, :, i, j, :] = xh[n0:n1, i : i + oh, j : j + ow, :]
             cols = col[: n1 - n0].reshape(-1, kh * kw * c)  # (B*OH*OW, KH*KW*C)
-            np.matmul(cols, wmat, out=y[n0 * oh * ow : n1 * oh * ow])
-    if b is not None:
-        y += b
+            rows = y[n0 * oh * ow : n1 * oh * ow]
+            np.matmul(cols, wmat, out=rows)
+            if b is not None:
+                rows += b  # while the rows are in cache
     return y.reshape(n, oh, ow, f).transpose(0, 3, 1, 2), saved  # y (N, F, OH, OW)
 
 
 def _cols_t(xh: np.ndarray, kh: int, kw: int, oh: int, ow: int) -> np.ndarray:
-    """Transposed columns of a single-channel (N, HP, WP, 1) batch: (KH*KW, N*OH*OW)."""
+    """Transposed columns of a single-channel (N, HP, WP, 1) batch and a row of ones.
+
+    Returns (KH*KW + 1, N*OH*OW): row i*KW + j holds the pixels under kernel
+    offset (i, j); the last row is all ones, the "pixel" a bias multiplies.
+    """
     n = xh.shape[0]
-    colt = np.empty((kh, kw, n, oh, ow), dtype=xh.dtype)
+    colt = _recycle.empty((kh * kw + 1, n, oh, ow), xh.dtype)
     for i in range(kh):
         for j in range(kw):
-            colt[i, j] = xh[:, i : i + oh, j : j + ow, 0]
-    return colt.reshape(kh * kw, n * oh * ow)
+            colt[i * kw + j] = xh[:, i : i + oh, j : j + ow, 0]
+    colt[-1] = 1
+    return colt.reshape(kh * kw + 1, n * oh * ow)
 
 
 def conv2d_backward(
-    dy: np.ndarray, saved: dict[str, np.ndarray], w: np.ndarray, pads: tuple[int, ...],
+    dy: np.ndarray,
+    saved: dict[str, np.ndarray],
+    w: np.ndarray,
+    pads: tuple[int, ...],
     need_dx: bool,
 ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """Gradients of :func:`conv2d`: (dx (N, C, H, W) or None, dw (F, C, KH, KW), db (F,))."""
@@ -152,45 +241,50 @@ def conv2d_backward(
     _, hp, wp, _ = xh.shape
     oh, ow = hp - kh + 1, wp - kw + 1
     dyh = np.ascontiguousarray(dy.transpose(0, 2, 3, 1))  # (N, OH, OW, F)
-    db = dyh.reshape(-1, f).sum(axis=0)
     if c == 1 and not need_dx:
         # A first layer: dW = dy^T (F, N*OH*OW) @ columns (N*OH*OW, KH*KW), one product.
-        # (Asked as dW^T = columns^T @ dy, OpenBLAS's two threads spend seconds
+        # (Asked as dW^T = columns^T @ dy, OpenBLAS's two threads can spend seconds
         # waiting on each other when another process holds a core.)
-        dw = dyh.reshape(-1, f).T @ saved["cols"].T  # (F, KH*KW)
-        return None, dw.reshape(f, 1, kh, kw), db
+        # The ones row of the columns makes the last column of the product db.
+        dwb = dyh.reshape(-1, f).T @ saved["cols"].T  # (F, KH*KW + 1)
+        return None, dwb[:, :-1].reshape(f, 1, kh, kw), dwb[:, -1].copy()
 
-    # The full-width grid: dy placed at the top-left of each (HP, WP) image, zeros
-    # elsewhere, so that output row r and input row r + i*WP + j meet at offset (i, j).
-    step = _chunk(n, hp * wp * max(f, kh * kw * c) * x.itemsize)
-    dyfw = np.zeros((step, hp, wp, f), dtype=x.dtype)
+    # dW on the full-width grid: dy placed at the top-left of each (HP, WP) image,
+    # zeros elsewhere, so that dy row r and input row r + i*WP + j meet at offset (i, j).
+    step = _chunk(n, kh * kw * hp * wp * c * x.itemsize)  # the size of z below
+    dyfw = _recycle.empty((step, hp, wp, f), x.dtype)
+    dyfw[:, oh:] = 0  # the rows and columns beyond the output stay zero
+    dyfw[:, :oh, ow:] = 0
     dwt = np.zeros((kh, kw, f, c), dtype=x.dtype)  # dW with the offsets first
     part = np.empty_like(dwt)
+    db = np.zeros(f, dtype=x.dtype)
     xflat = xh.reshape(-1, c)  # (N*HP*WP, C)
     if need_dx:
         wt = w.transpose(2, 3, 0, 1)  # (KH, KW, F, C): the filters of each offset
-        dxh = np.zeros_like(xh)  # (N, HP, WP, C)
+        dxh = _recycle.empty(xh.shape, x.dtype)  # (N, HP, WP, C)
+        dxh.fill(0)
         dxflat = dxh.reshape(-1, c)
-        z = None
+        z = _recycle.empty((kh, kw, step * hp * wp, c), x.dtype)
     for n0 in range(0, n, step):
         n1 = min(n, n0 + step)
+        d = dyh[n0:n1]  # (B, OH, OW, F)
+        db += d.reshape(-1, f).sum(axis=0)
+        dyfw[: n1 - n0, :oh, :ow, :] = d
         rows = (n1 - n0) * hp * wp
-        valid = rows - (kh - 1) * wp - (kw - 1)  # the last valid output is row valid - 1
-        dyfw[: n1 - n0, :oh, :ow, :] = dyh[n0:n1]
-        d = dyfw[: n1 - n0].reshape(rows, f)[:valid]  # (valid, F)
-        base = n0 * hp * wp
-        # dW[i, j] = sum_r dy[r] (x) x[r + i*WP + j]: every offset in one batched product.
-        np.matmul(d.T, _shifted(xflat[base:], kh, kw, wp, valid), out=part)  # (KH, KW, F, C)
-        dwt += part
+        valid = rows - (kh - 1) * wp - (kw - 1)  # the last real dy row is valid - 1
+        dfw = dyfw[: n1 - n0].reshape(rows, f)[:valid]  # (valid, F)
+        # dW[i, j] = sum_r dy[r] (x) x[r + i*WP + j]: all offsets in one batched product.
+        np.matmul(dfw.T, _shifted(xflat[n0 * hp * wp :], kh, kw, wp, valid), out=part)
+        dwt += part  # (KH, KW, F, C)
         if need_dx:
-            # dx[r + i*WP + j] += dy[r] @ W[i, j]: nine products, nine contiguous adds.
-            if z is None or z.shape[2] != valid:
-                z = np.empty((kh, kw, valid, c), dtype=x.dtype)
-            np.matmul(d, wt, out=z)  # (KH, KW, valid, C)
+            # dx[r + i*WP + j] += dy[r] @ W[i, j]: one product per offset, each added
+            # to one contiguous block of rows (faster than adding OH runs of OW*C
+            # floats, though the grid has (HP*WP) / (OH*OW) times more rows).
+            np.matmul(dfw, wt, out=z[:, :, :valid])  # (KH, KW, valid, C)
             for i in range(kh):
                 for j in range(kw):
-                    s = base + i * wp + j
-                    dxflat[s : s + valid] += z[i, j]
+                    s = n0 * hp * wp + i * wp + j
+                    dxflat[s : s + valid] += z[i, j, :valid]
     dw = np.ascontiguousarray(dwt.transpose(2, 3, 0, 1))  # (F, C, KH, KW)
     if not need_dx:
         return None, dw, db
@@ -208,7 +302,9 @@ def _offset_views(x: np.ndarray, k: int, stride: int, oh: int, ow: int) -> list[
     """The K*K views (N, C, OH, OW) of ``x`` under each window offset, row-major."""
     last_h, last_w = stride * (oh - 1) + 1, stride * (ow - 1) + 1
     return [
-        x[:, :, i : i + last_h : stride, j : j + last_w : stride] for i in range(k) for j in range(k)
+        x[:, :, i : i + last_h : stride, j : j + last_w : stride]
+        for i in range(k)
+        for j in range(k)
     ]
 
 
@@ -217,26 +313,30 @@ def _memory_order(a: np.ndarray) -> tuple[int, ...]:
     return tuple(sorted(range(a.ndim), key=lambda ax: -abs(a.strides[ax])))
 
 
-def max_pool2d(x: np.ndarray, k: int, stride: int, oh: int, ow: int) -> tuple[np.ndarray, np.ndarray]:
+def max_pool2d(
+    x: np.ndarray, k: int, stride: int, oh: int, ow: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(y (N, C, OH, OW), mask (N, C, K*K, OH, OW)) exactly as the generic code gives them.
 
     The mask is True at the first maximum of each window in row-major order.
     Both results keep the memory layout of ``x`` (NHWC after a fast convolution).
     """
     views = _offset_views(x, k, stride, oh, ow)
-    y = np.maximum(views[0], views[1]) if len(views) > 1 else views[0].copy()
-    for v in views[2:]:
+    y = _recycle.like(views[0])  # (N, C, OH, OW) laid out like x
+    np.copyto(y, views[0])
+    for v in views[1:]:
         np.maximum(y, v, out=y)
+    if np.isnan(np.sum(y)):  # a NaN window: the generic argmax picks its first NaN
+        return y, None  # type: ignore[return-value]
     # One boolean plane per offset, laid out like y, so every step below is a
     # same-layout element-wise pass.
     order = _memory_order(y)
-    buf = np.empty((k * k,) + tuple(y.shape[a] for a in order), dtype=bool)
+    buf = _recycle.empty((k * k,) + tuple(y.shape[a] for a in order), bool)
     back = tuple(order.index(a) for a in range(4))
     planes = [buf[r].transpose(back) for r in range(k * k)]  # each (N, C, OH, OW)
-    if np.isnan(np.sum(y)):  # a NaN window: the generic argmax picks its first NaN
-        return y, None  # type: ignore[return-value]
     np.equal(views[0], y, out=planes[0])
-    taken = planes[0].copy(order="K")  # windows whose maximum has a position already
+    taken = _recycle.like(planes[0])  # windows whose maximum has a position already
+    np.copyto(taken, planes[0])
     for v, plane in zip(views[1:-1], planes[1:-1], strict=True):
         np.equal(v, y, out=plane)
         # For booleans a > b is "a and not b": not where an earlier offset is the max.
@@ -246,6 +346,33 @@ def max_pool2d(x: np.ndarray, k: int, stride: int, oh: int, ow: int) -> tuple[np
         np.logical_not(taken, out=planes[-1])  # no NaN: the last offset holds the rest
     mask = buf.transpose(back[0] + 1, back[1] + 1, 0, back[2] + 1, back[3] + 1)
     return y, mask  # mask (N, C, K*K, OH, OW)
+
+
+def max_pool2d_values(x: np.ndarray, k: int, stride: int, oh: int, ow: int) -> np.ndarray:
+    """Only ``y`` of :func:`max_pool2d`, for inference: no mask, and for ``stride == k``
+    in two passes (the max of K rows, then of K columns) instead of K*K - 1.
+
+    Of the two, one runs over long contiguous runs whatever the layout, which
+    matters when C is small in NHWC memory (the other pass reads runs of C).
+    """
+    if stride != k:
+        views = _offset_views(x, k, stride, oh, ow)
+        y = _recycle.like(views[0])
+        np.copyto(y, views[0])
+        for v in views[1:]:
+            np.maximum(y, v, out=y)
+        return y
+    rows = [x[:, :, i : i + k * (oh - 1) + 1 : k, : ow * k] for i in range(k)]  # (N, C, OH, OW*K)
+    b = _recycle.like(rows[0])
+    np.copyto(b, rows[0])
+    for r in rows[1:]:
+        np.maximum(b, r, out=b)
+    cols = [b[..., j::k] for j in range(k)]  # (N, C, OH, OW)
+    y = _recycle.like(cols[0])
+    np.copyto(y, cols[0])
+    for col in cols[1:]:
+        np.maximum(y, col, out=y)
+    return y
 
 
 def max_pool2d_backward(
@@ -264,8 +391,13 @@ def max_pool2d_backward(
     order = _memory_order(plane0)
     shape = tuple(x_shape[a] for a in order)
     back = tuple(order.index(a) for a in range(4))
-    dx = np.zeros(shape, dtype=dy.dtype).transpose(back)  # (N, C, H, W), laid out like mask
-    dyl = np.empty(tuple(dy.shape[a] for a in order), dtype=dy.dtype).transpose(back)
+    dx = _recycle.empty(shape, dy.dtype).transpose(back)  # (N, C, H, W), laid out like mask
+    if stride == k:  # the windows tile the top-left; rows/columns beyond get zero
+        dx[:, :, oh * k :, :] = 0
+        dx[:, :, : oh * k, ow * k :] = 0
+    else:  # gaps between windows, or overlaps to accumulate into
+        dx.fill(0)
+    dyl = _recycle.empty(tuple(dy.shape[a] for a in order), dy.dtype).transpose(back)
     dyl[...] = dy  # dy in the mask's layout: one transposing copy, then aligned passes
     overlap = stride < k
     for r, view in enumerate(_offset_views(dx, k, stride, oh, ow)):
@@ -283,11 +415,14 @@ def max_pool2d_backward(
 
 def relu(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(max(x, 0), x > 0)``; ``fmax`` maps NaN to 0 like the generic ``where``."""
-    return np.fmax(x, x.dtype.type(0)), np.greater(x, 0)
+    y, mask = _recycle.like(x), _recycle.like(x, bool)
+    np.fmax(x, x.dtype.type(0), out=y)
+    np.greater(x, 0, out=mask)
+    return y, mask
 
 
 def relu_backward(dy: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
     """``dy * mask``, or None when dy holds a NaN/inf (the generic ``where`` then decides)."""
     if not np.isfinite(np.sum(dy)):
         return None
-    return np.multiply(dy, mask)
+    return np.multiply(dy, mask, out=_recycle.like(dy))

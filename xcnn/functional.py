@@ -35,6 +35,7 @@ __all__ = [
     "conv2d_train",
     "conv2d_train_backward",
     "max_pool2d",
+    "max_pool2d_values",
     "max_pool2d_backward",
     "avg_pool2d",
     "avg_pool2d_backward",
@@ -117,7 +118,8 @@ def fold(cols: Array, shape: tuple[int, ...], kh: int, kw: int, stride: int) -> 
     out = xp.zeros(shape, dtype=cols.dtype, device=_device(cols))
     for i in range(kh):
         for j in range(kw):
-            out[:, :, i : i + last_h : stride, j : j + last_w : stride] += cols[:, :, i * kw + j, ...]
+            window = cols[:, :, i * kw + j, ...]  # (N, C, OH, OW)
+            out[:, :, i : i + last_h : stride, j : j + last_w : stride] += window
     return out
 
 
@@ -189,7 +191,10 @@ def conv2d_backward(
     f, _, kh, kw = w.shape
     oh, ow = dy.shape[2], dy.shape[3]
     dy2 = xp.reshape(dy, (n, f, oh * ow))  # (N, F, OH*OW)
-    dw = xp.reshape(xp.tensordot(dy2, col, axes=([0, 2], [0, 2])), w.shape)  # (F, C, KH, KW)
+    # Per image dy2[n] @ col[n]^T, summed over the batch: a batched product reads col
+    # transposed in place, where tensordot would first copy the (9x input) col.
+    dw = xp.sum(dy2 @ xp.matrix_transpose(col), axis=0)  # (F, C*KH*KW)
+    dw = xp.reshape(dw, w.shape)  # (F, C, KH, KW)
     db = xp.sum(dy2, axis=(0, 2))  # (F,)
     if not need_dx:
         return None, dw, db
@@ -211,8 +216,7 @@ def conv2d_train(
     9x larger ``col`` in memory.
     """
     if stride == 1 and _fast.applies(x, w, b):
-        n, c, h, wd = x.shape
-        pads = pad_amounts(h, wd, w.shape[2], w.shape[3], 1, padding)
+        pads = pad_amounts(x.shape[2], x.shape[3], w.shape[2], w.shape[3], 1, padding)
         return _fast.conv2d(x, w, b, pads)
     y, col = conv2d(x, w, b, stride=stride, padding=padding)
     return y, {"col": col, "x_shape": tuple(x.shape)}
@@ -264,6 +268,18 @@ def max_pool2d(x: Array, kernel_size: int, stride: int) -> tuple[Array, Array]:
         xp.arange(k * k, device=_device(x), dtype=first.dtype), (k * k, 1, 1)
     )
     return xp.max(win, axis=2), mask
+
+
+def max_pool2d_values(x: Array, kernel_size: int, stride: int) -> Array:
+    """The ``y`` of :func:`max_pool2d` alone, for inference (no argmax mask to compute).
+
+    ``x`` (N, C, H, W) -> (N, C, OH, OW), ``OH = (H - K) // S + 1``.
+    """
+    k = kernel_size
+    oh, ow = _out_size(x.shape[2], k, stride, 0, 0), _out_size(x.shape[3], k, stride, 0, 0)
+    if _fast.applies(x):
+        return _fast.max_pool2d_values(x, k, stride, oh, ow)
+    return array_namespace(x).max(windows(x, k, k, stride, oh, ow), axis=2)
 
 
 def max_pool2d_backward(

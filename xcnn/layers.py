@@ -276,8 +276,11 @@ class MaxPool2D(_Pool2D):
 
     def forward(self, x: Array, *, train: bool = True) -> Array:
         self.check_input(x)
+        if not train:  # inference: the maxima only, no argmax mask
+            self.cache = {}
+            return F.max_pool2d_values(x, self.kernel_size, self.stride)
         y, mask = F.max_pool2d(x, self.kernel_size, self.stride)
-        self.cache = {"mask": mask, "x_shape": tuple(x.shape)} if train else {}
+        self.cache = {"mask": mask, "x_shape": tuple(x.shape)}
         return y
 
     def backward(self, dy: Array, *, need_dx: bool = True) -> Array:

@@ -54,8 +54,12 @@ class Optimizer:
             for key, slots in self.state.items()
             for slot, v in slots.items()
         }
-        return {"type": type(self).__name__, "hyperparams": self.hyperparams(),
-                "steps": self.steps, "arrays": arrays}
+        return {
+            "type": type(self).__name__,
+            "hyperparams": self.hyperparams(),
+            "steps": self.steps,
+            "arrays": arrays,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` gave, moving arrays to the model's device."""
