@@ -226,6 +226,21 @@ def _pick_device(xp: ModuleType, name: str, device: Any) -> Any:
     raise ValueError(f"{name} has no device {device!r}; its devices are {list(info.devices())}")
 
 
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def device_context(lib: str, x: Any) -> contextlib.AbstractContextManager[Any]:
+    """A context making the device of ``x`` (an array of library ``lib``) current.
+
+    CuPy launches kernels and creates arrays on the *current* GPU whatever
+    ``device=`` says, so an op on arrays held by GPU 1 must run with GPU 1
+    current; the other libraries place work by their arrays' devices.
+    """
+    if lib == "cupy":
+        return x.device
+    return _NO_CONTEXT
+
+
 def to_numpy(x: Any) -> np.ndarray:
     """Copy any backend's array to a host NumPy array (no-op for NumPy).
 
