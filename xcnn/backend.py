@@ -23,7 +23,14 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-__all__ = ["Backend", "BackendError", "resolve_backend", "to_numpy", "FLOAT_DTYPES"]
+__all__ = [
+    "Backend",
+    "BackendError",
+    "resolve_backend",
+    "to_numpy",
+    "device_context",
+    "FLOAT_DTYPES",
+]
 
 FLOAT_DTYPES = ("float32", "float64")
 
@@ -39,7 +46,8 @@ class Backend:
     Attributes
     ----------
     name : str
-        ``"numpy"``, ``"cupy"``, ``"array_api_strict"``, ``"torch"``, ...
+        The module name it resolves from: ``"numpy"``, ``"cupy"``, ``"torch"``,
+        ``"jax.numpy"``, ``"dask.array"``, ``"array_api_strict"``, ...
     xp : module
         The array-API namespace (``array_api_compat`` wrapped where needed).
     device : object
@@ -66,17 +74,51 @@ class Backend:
             )
         return dtypes[name]
 
-    def asarray(self, host: Any, dtype: str | None = None) -> Any:
-        """Copy a host array (anything NumPy accepts) to this backend's device.
+    @property
+    def lazy(self) -> bool:
+        """Whether arrays are lazy expressions until computed (Dask)."""
+        return self.name == "dask.array"
+
+    def materialise(self, *arrays: Any) -> tuple[Any, ...]:
+        """Compute lazy arrays now and keep the results (``dask.persist``); others as given.
+
+        Called after every optimizer step on the parameters and optimizer
+        state: without it each Dask parameter would stay an expression of
+        every step before it, and each read would replay them all.
+        """
+        if not self.lazy or not arrays:
+            return arrays
+        import dask
+
+        return tuple(dask.persist(*arrays))
+
+    def asarray(self, data: Any, dtype: str | None = None) -> Any:
+        """Bring an array to this backend's device: a host array, or any backend's array.
 
         Floating inputs are cast to ``dtype`` (``"float32"``/``"float64"``) when
-        given, on the host, before the copy; integer and boolean inputs
-        (labels, uint8 images) keep their dtype.
+        given (host arrays on the host, before the copy); integer and boolean
+        inputs (labels, uint8 images) keep their kind, in an integer dtype the
+        namespace has (JAX without x64: int32). Arrays of another library or
+        device cross through DLPack where both sides support it, else through
+        the host.
         """
-        host = np.asarray(host)
+        if not isinstance(data, np.ndarray | np.generic) and array_api_compat.is_array_api_obj(
+            data
+        ):
+            x = data if self.owns(data) else self._import(data)
+            if x is not None:
+                if dtype is not None and self.xp.isdtype(x.dtype, "real floating"):
+                    want = self.dtype(dtype)
+                    if x.dtype != want:
+                        x = self.xp.astype(x, want)
+                return x
+            data = to_numpy(data)
+        host = np.asarray(data)
         if dtype is not None and np.issubdtype(host.dtype, np.floating):
             self.dtype(dtype)  # a clear error if the device lacks it
             host = host.astype(dtype, copy=False)
+        elif host.dtype.kind in "iu" and host.dtype.name not in self._supported():
+            host = host.astype(self.default_int, copy=False)
         if self.name == "numpy":
             return host
         if self.name == "cupy":
@@ -89,6 +131,25 @@ class Backend:
 
             return torch.from_numpy(np.ascontiguousarray(host)).to(self.device)
         return self.xp.asarray(host, device=self.device)
+
+    def _supported(self) -> dict[str, Any]:
+        return self.xp.__array_namespace_info__().dtypes(device=self.device)
+
+    @property
+    def default_int(self) -> Any:
+        """The namespace's default integer dtype on this device (int64, or int32 for JAX)."""
+        info = self.xp.__array_namespace_info__()
+        return np.dtype(str(info.default_dtypes(device=self.device)["integral"]))
+
+    def _import(self, x: Any) -> Any:
+        """Another library's (or device's) array on this device by DLPack; None if it can't."""
+        try:
+            y = self.xp.from_dlpack(x)
+            if not _same_device(array_api_compat.device(y), self.device):
+                y = array_api_compat.to_device(y, self.device)
+        except Exception:  # BufferError, TypeError, RuntimeError, ...: each library its own
+            return None
+        return y if self.owns(y) else None
 
     @contextlib.contextmanager
     def activate(self) -> Iterator[None]:
@@ -121,16 +182,23 @@ class Backend:
         return f"{name} array on device {array_api_compat.device(x)!r}"
 
 
+#: Backend names of the namespaces array-api-compat wraps (others go by their module name).
 _NAMESPACE_NAMES = {
     "array_api_compat.numpy": "numpy",
     "array_api_compat.cupy": "cupy",
     "array_api_compat.torch": "torch",
-    "array_api_strict": "array_api_strict",
+    "array_api_compat.dask.array": "dask.array",
 }
 
 
 def _same_device(a: Any, b: Any) -> bool:
-    return a == b or str(a) == str(b)
+    """Device equality in a canonical form (a torch ``cuda`` and ``cuda:0`` are one device)."""
+    return a == b or _canonical(a) == _canonical(b)
+
+
+def _canonical(d: Any) -> str:
+    text = str(d)
+    return text + ":0" if text in ("cuda", "xpu", "mps") else text
 
 
 def resolve_backend(spec: str | ModuleType | Backend = "numpy", device: Any = None) -> Backend:
@@ -139,59 +207,77 @@ def resolve_backend(spec: str | ModuleType | Backend = "numpy", device: Any = No
     Parameters
     ----------
     spec : str or module or Backend
-        ``"numpy"``, ``"cupy"``, ``"torch"``, ``"array_api_strict"``, or an
-        array-API namespace module (e.g. ``import array_api_strict``).
+        A module, or its importable name: ``"numpy"``, ``"cupy"``, ``"torch"``,
+        ``"jax.numpy"``, ``"dask.array"``, ``"array_api_strict"``, or any other
+        array-API namespace or library that array-api-compat wraps.
     device : optional
-        ``"cupy"``: a CUDA device index (default 0). Namespaces: one of
+        ``"cupy"``: a CUDA device index (default 0). ``"torch"``: a torch device
+        (``"cpu"``, ``"cuda"``, ``"cuda:1"``). Others: one of
         ``xp.__array_namespace_info__().devices()`` or its name (e.g.
-        ``"device1"`` for array_api_strict).
+        ``"device1"`` for array_api_strict). Default: the namespace's default
+        device, or where it puts a new array when it names none (JAX).
 
     Raises
     ------
     ValueError
-        Unknown backend name or device.
+        A module that is not an array library, or an unknown device.
     BackendError
-        CuPy (or another library) not installed, or no CUDA device.
+        The library (CuPy, torch, ...) is not installed, or no CUDA device.
     """
     if isinstance(spec, Backend):
         return spec if device is None else resolve_backend(spec.xp, device)
-    if isinstance(spec, ModuleType):
-        name = _NAMESPACE_NAMES.get(spec.__name__, spec.__name__)
-        if name in ("numpy", "cupy", "torch"):
-            return resolve_backend(name, device)
-        if not hasattr(spec, "__array_namespace_info__"):
-            raise ValueError(
-                f"{spec.__name__} is not an array-API namespace "
-                "(it has no __array_namespace_info__)"
+    if isinstance(spec, str):
+        if spec == "cupy":
+            return _cupy_backend(device)
+        try:
+            module = importlib.import_module(spec)
+        except ImportError as e:
+            hint = {"torch": "pip install torch", "jax.numpy": "pip install jax"}.get(
+                spec, f"pip install {spec.partition('.')[0].replace('_', '-')}"
             )
-        return Backend(name, spec, _pick_device(spec, name, device))
-    if not isinstance(spec, str):
-        raise TypeError(f"backend must be a name or an array-API namespace, got {spec!r}")
-    if spec == "numpy":
+            raise BackendError(f"backend {spec!r} is not installed ({e}): {hint}") from e
+        return resolve_backend(module, device)
+    if not isinstance(spec, ModuleType):
+        raise TypeError(f"backend must be a module name or a module, got {spec!r}")
+    xp = _namespace_of_module(spec)
+    name = _NAMESPACE_NAMES.get(xp.__name__, xp.__name__)
+    if name == "numpy":
         if device not in (None, "cpu"):
             raise ValueError(f"backend 'numpy' runs on the CPU only, got device={device!r}")
-        return Backend("numpy", array_api_compat.array_namespace(np.empty(0)), "cpu")
-    if spec == "cupy":
+        return Backend("numpy", xp, "cpu")
+    if name == "cupy":
         return _cupy_backend(device)
-    if spec == "torch":
-        try:
-            import torch
-        except ImportError as e:
-            raise BackendError("PyTorch is not installed: pip install torch") from e
-        dev = torch.device("cpu" if device is None else device)
-        return Backend("torch", array_api_compat.array_namespace(torch.empty(0)), dev)
-    if spec == "array_api_strict":
-        try:
-            module = importlib.import_module("array_api_strict")
-        except ImportError as e:
-            raise BackendError(
-                "array_api_strict is not installed: pip install array-api-strict"
-            ) from e
-        return resolve_backend(module, device)
+    if name == "torch":
+        import torch
+
+        try:  # a tensor's own device: "cuda" becomes "cuda:0", as tensors report it
+            dev = torch.empty(0, device="cpu" if device is None else device).device
+        except (RuntimeError, AssertionError) as e:
+            raise BackendError(f"torch cannot use device {device!r}: {e}") from e
+        return Backend("torch", xp, dev)
+    return Backend(name, xp, _pick_device(xp, name, device))
+
+
+def _namespace_of_module(module: ModuleType) -> ModuleType:
+    """The array-API namespace of a library module (array-api-compat's wrapper if it has one)."""
+    if module.__name__ in _WRAPPED:
+        return importlib.import_module(_WRAPPED[module.__name__])
+    if hasattr(module, "__array_namespace_info__"):
+        return module  # a namespace itself: array_api_strict, jax.numpy, compat's wrappers
     raise ValueError(
-        f"unknown backend {spec!r}: use 'numpy', 'cupy', 'torch', 'array_api_strict' "
-        "or pass an array-API namespace module"
+        f"{module.__name__} is not an array-API namespace (it has no __array_namespace_info__) "
+        "nor a library array-api-compat wraps (numpy, cupy, torch, dask.array); "
+        "use e.g. 'numpy', 'torch', 'jax.numpy', 'dask.array' or 'array_api_strict'"
     )
+
+
+#: Library modules that are not array-API namespaces themselves, and their wrappers.
+_WRAPPED = {
+    "numpy": "array_api_compat.numpy",
+    "cupy": "array_api_compat.cupy",
+    "torch": "array_api_compat.torch",
+    "dask.array": "array_api_compat.dask.array",
+}
 
 
 def _cupy_backend(device: Any) -> Backend:
@@ -213,29 +299,37 @@ def _cupy_backend(device: Any) -> Backend:
         raise BackendError(
             f"CUDA device {index} does not exist: this machine has {count} (valid: 0..{count - 1})"
         )
-    return Backend("cupy", array_api_compat.array_namespace(cupy.empty(0)), cupy.cuda.Device(index))
+    xp = importlib.import_module("array_api_compat.cupy")
+    return Backend("cupy", xp, cupy.cuda.Device(index))
 
 
 def _pick_device(xp: ModuleType, name: str, device: Any) -> Any:
     info = xp.__array_namespace_info__()
     if device is None:
-        return info.default_device()
+        default = info.default_device()
+        # JAX names no default device: take the one its new arrays land on.
+        return default if default is not None else array_api_compat.device(xp.zeros(0))
     for d in info.devices():
-        if d == device or str(d) == str(device) or getattr(d, "_device", None) == device:
+        if d is None:
+            continue
+        if _same_device(d, device) or getattr(d, "_device", None) == device:
             return d
-    raise ValueError(f"{name} has no device {device!r}; its devices are {list(info.devices())}")
+    devices = [d for d in info.devices() if d is not None]
+    raise ValueError(f"{name} has no device {device!r}; its devices are {devices}")
 
 
 _NO_CONTEXT = contextlib.nullcontext()
 
 
-def device_context(lib: str, x: Any) -> contextlib.AbstractContextManager[Any]:
-    """A context making the device of ``x`` (an array of library ``lib``) current.
+def device_context(x: Any, lib: str | None = None) -> contextlib.AbstractContextManager[Any]:
+    """A context making the device of array ``x`` (of library ``lib``, if known) current.
 
     CuPy launches kernels and creates arrays on the *current* GPU whatever
     ``device=`` says, so an op on arrays held by GPU 1 must run with GPU 1
     current; the other libraries place work by their arrays' devices.
     """
+    if lib is None:
+        lib = type(x).__module__.partition(".")[0]
     if lib == "cupy":
         return x.device
     return _NO_CONTEXT
@@ -256,8 +350,7 @@ def to_numpy(x: Any) -> np.ndarray:
         xp = array_api_compat.array_namespace(x)
     except TypeError:
         return np.asarray(x)
-    info = xp.__array_namespace_info__()
-    cpu = info.default_device()
-    if array_api_compat.device(x) != cpu:
-        x = array_api_compat.to_device(x, cpu)
-    return np.asarray(x)
+    cpu = xp.__array_namespace_info__().default_device()
+    if cpu is not None and not _same_device(array_api_compat.device(x), cpu):
+        x = array_api_compat.to_device(x, cpu)  # array_api_strict's other devices
+    return np.asarray(x)  # JAX copies to the host, Dask computes

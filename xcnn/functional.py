@@ -1,12 +1,16 @@
 """Pure array functions: the math of every layer, forward and backward side by side.
 
 Each function finds the array namespace of its inputs (``array_api_compat``),
-uses only array-API operations, keeps no state and never writes into its
-inputs, so the same code runs on NumPy, CuPy, array_api_strict or PyTorch.
+uses only array-API operations, keeps no state and never writes into an
+array (updates go through ``array_api_extra.at``, which copies where a library's
+arrays are immutable), so the same code runs on NumPy, CuPy, array_api_strict,
+PyTorch, JAX or Dask.
 
-On NumPy a few hot operations take a faster route (:mod:`xcnn._fast`): each
-is one ``if _fast.applies(...)`` at the top of the function, computes the same
-values, and is tested against the generic code below it.
+Every op is decorated with :func:`xcnn.kernels.delegate`: a library with a
+kernel set (NumPy's fast paths, CuPy's kernels) may answer first, with the
+same signature and the same values, and the generic code below is what runs
+otherwise (``F.<op>.generic`` calls it directly). The delegated call runs with
+its first argument's device current.
 
 Shape symbols used throughout: ``N, C, H, W`` input batch, channels, height,
 width; ``F`` filters; ``KH, KW`` kernel; ``OH, OW`` output; ``S`` stride;
@@ -16,12 +20,14 @@ width; ``F`` filters; ``KH, KW`` kernel; ``OH, OW`` output; ``S`` stride;
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
+import array_api_extra as xpx
 from array_api_compat import array_namespace
 from array_api_compat import device as _device
 
-from . import _fast
+from .kernels import delegate
 
 Array = Any
 Padding = str | int
@@ -32,8 +38,7 @@ __all__ = [
     "fold",
     "conv2d",
     "conv2d_backward",
-    "conv2d_train",
-    "conv2d_train_backward",
+    "Conv2DSaved",
     "max_pool2d",
     "max_pool2d_values",
     "max_pool2d_backward",
@@ -84,10 +89,10 @@ def _pad(x: Array, pads: tuple[int, int, int, int]) -> Array:
     xp = array_namespace(x)
     n, c, h, w = x.shape
     out = xp.zeros((n, c, h + top + bottom, w + left + right), dtype=x.dtype, device=_device(x))
-    out[:, :, top : top + h, left : left + w] = x
-    return out
+    return xpx.at(out)[:, :, top : top + h, left : left + w].set(x)
 
 
+@delegate
 def windows(x: Array, kh: int, kw: int, stride: int, oh: int, ow: int) -> Array:
     """Stack the ``KH*KW`` shifted views of ``x`` that a kernel overlays.
 
@@ -105,6 +110,7 @@ def windows(x: Array, kh: int, kw: int, stride: int, oh: int, ow: int) -> Array:
     return xp.stack(views, axis=2)  # (N, C, KH*KW, OH, OW)
 
 
+@delegate
 def fold(cols: Array, shape: tuple[int, ...], kh: int, kw: int, stride: int) -> Array:
     """The adjoint of :func:`windows`: add each window entry back onto its input pixel.
 
@@ -119,7 +125,7 @@ def fold(cols: Array, shape: tuple[int, ...], kh: int, kw: int, stride: int) -> 
     for i in range(kh):
         for j in range(kw):
             window = cols[:, :, i * kw + j, ...]  # (N, C, OH, OW)
-            out[:, :, i : i + last_h : stride, j : j + last_w : stride] += window
+            out = xpx.at(out)[:, :, i : i + last_h : stride, j : j + last_w : stride].add(window)
     return out
 
 
@@ -133,9 +139,42 @@ def _out_size(size: int, k: int, stride: int, pad_lo: int, pad_hi: int) -> int:
 # ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Conv2DSaved:
+    """What :func:`conv2d` keeps for :func:`conv2d_backward`.
+
+    Attributes
+    ----------
+    x : (N, C, H, W) the input.
+    col : (N, C*KH*KW, OH*OW) the stacked windows of the generic code, or None
+        (a kernel that did not keep them): the generic backward rebuilds them from ``x``.
+    workspace : anything a kernel set keeps for its own backward; only the
+        kernel set that made it reads it, everything else ignores it.
+    """
+
+    x: Array
+    col: Array | None = None
+    workspace: Any = None
+
+    @property
+    def x_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape)
+
+
+def _columns(x: Array, kh: int, kw: int, stride: int, padding: Padding) -> Array:
+    """The stacked windows of ``x`` under a KHxKW kernel: (N, C*KH*KW, OH*OW)."""
+    xp = array_namespace(x)
+    n, c, h, wd = x.shape
+    pads = pad_amounts(h, wd, kh, kw, stride, padding)
+    oh = _out_size(h, kh, stride, pads[0], pads[1])
+    ow = _out_size(wd, kw, stride, pads[2], pads[3])
+    return xp.reshape(windows(_pad(x, pads), kh, kw, stride, oh, ow), (n, c * kh * kw, oh * ow))
+
+
+@delegate
 def conv2d(
     x: Array, w: Array, b: Array | None = None, *, stride: int = 1, padding: Padding = "valid"
-) -> tuple[Array, Array]:
+) -> tuple[Array, Conv2DSaved]:
     """2-D cross-correlation (what deep learning calls convolution).
 
     Parameters
@@ -148,7 +187,8 @@ def conv2d(
     Returns
     -------
     y : (N, F, OH, OW) with ``OH = (H + PT + PB - KH) // S + 1`` (likewise OW).
-    col : (N, C*KH*KW, OH*OW) the stacked windows, kept for the backward pass.
+    saved : :class:`Conv2DSaved`, what :func:`conv2d_backward` needs (generic
+        code: the input and its stacked windows).
     """
     xp = array_namespace(x, w)
     n, c, h, wd = x.shape
@@ -156,25 +196,25 @@ def conv2d(
     pads = pad_amounts(h, wd, kh, kw, stride, padding)
     oh = _out_size(h, kh, stride, pads[0], pads[1])
     ow = _out_size(wd, kw, stride, pads[2], pads[3])
-    col = xp.reshape(windows(_pad(x, pads), kh, kw, stride, oh, ow), (n, c * kh * kw, oh * ow))
+    col = _columns(x, kh, kw, stride, padding)  # (N, C*KH*KW, OH*OW)
     y = xp.reshape(w, (f, c * kh * kw)) @ col  # (N, F, OH*OW)
     y = xp.reshape(y, (n, f, oh, ow))
     if b is not None:
         y = y + b[:, None, None]
-    return y, col
+    return y, Conv2DSaved(x=x, col=col)
 
 
+@delegate
 def conv2d_backward(
     dy: Array,
-    col: Array,
-    x_shape: tuple[int, ...],
+    saved: Conv2DSaved,
     w: Array,
     *,
     stride: int = 1,
     padding: Padding = "valid",
     need_dx: bool = True,
 ) -> tuple[Array | None, Array, Array]:
-    """Gradients of :func:`conv2d` given ``dy = dL/dy`` (N, F, OH, OW).
+    """Gradients of :func:`conv2d` given ``dy = dL/dy`` (N, F, OH, OW) and its ``saved``.
 
     Each output pixel ``y[n, f, p] = sum_k w[f, k] * col[n, k, p]``, so
 
@@ -186,10 +226,11 @@ def conv2d_backward(
 
     Returns ``(dx (N, C, H, W) or None, dw (F, C, KH, KW), db (F,))``.
     """
-    xp = array_namespace(dy, col, w)
-    n, c, h, wd = x_shape
+    xp = array_namespace(dy, w)
+    n, c, h, wd = saved.x_shape
     f, _, kh, kw = w.shape
     oh, ow = dy.shape[2], dy.shape[3]
+    col = saved.col if saved.col is not None else _columns(saved.x, kh, kw, stride, padding)
     dy2 = xp.reshape(dy, (n, f, oh * ow))  # (N, F, OH*OW)
     # Per image dy2[n] @ col[n]^T, summed over the batch: a batched product reads col
     # transposed in place, where tensordot would first copy the (9x input) col.
@@ -205,47 +246,12 @@ def conv2d_backward(
     return dx[:, :, top : top + h, left : left + wd], dw, db
 
 
-def conv2d_train(
-    x: Array, w: Array, b: Array | None = None, *, stride: int = 1, padding: Padding = "valid"
-) -> tuple[Array, dict[str, Any]]:
-    """:func:`conv2d` for training: ``y`` and ``saved``, what :func:`conv2d_train_backward` needs.
-
-    ``saved`` is ``{"col": col, "x_shape": shape}`` from the generic code. On
-    NumPy (stride 1) it holds the input ``"x"``: the fast backward rebuilds what
-    it needs from it a few images at a time, which is faster than keeping the
-    9x larger ``col`` in memory.
-    """
-    if stride == 1 and _fast.applies(x, w, b):
-        pads = pad_amounts(x.shape[2], x.shape[3], w.shape[2], w.shape[3], 1, padding)
-        return _fast.conv2d(x, w, b, pads)
-    y, col = conv2d(x, w, b, stride=stride, padding=padding)
-    return y, {"col": col, "x_shape": tuple(x.shape)}
-
-
-def conv2d_train_backward(
-    dy: Array,
-    saved: dict[str, Any],
-    w: Array,
-    *,
-    stride: int = 1,
-    padding: Padding = "valid",
-    need_dx: bool = True,
-) -> tuple[Array | None, Array, Array]:
-    """Gradients of :func:`conv2d_train` from its ``saved``: ``(dx or None, dw, db)``."""
-    if "x" in saved:  # the forward took the NumPy fast path
-        x = saved["x"]
-        pads = pad_amounts(x.shape[2], x.shape[3], w.shape[2], w.shape[3], 1, padding)
-        return _fast.conv2d_backward(dy, saved, w, pads, need_dx)
-    return conv2d_backward(
-        dy, saved["col"], saved["x_shape"], w, stride=stride, padding=padding, need_dx=need_dx
-    )
-
-
 # ---------------------------------------------------------------------------
 # Pooling
 # ---------------------------------------------------------------------------
 
 
+@delegate
 def max_pool2d(x: Array, kernel_size: int, stride: int) -> tuple[Array, Array]:
     """Max over each KxK window. Rows/columns that don't fill a window are dropped.
 
@@ -257,10 +263,6 @@ def max_pool2d(x: Array, kernel_size: int, stride: int) -> tuple[Array, Array]:
     xp = array_namespace(x)
     k = kernel_size
     oh, ow = _out_size(x.shape[2], k, stride, 0, 0), _out_size(x.shape[3], k, stride, 0, 0)
-    if _fast.applies(x):
-        y, mask = _fast.max_pool2d(x, k, stride, oh, ow)
-        if mask is not None:  # None: a window holds NaN, the generic argmax decides
-            return y, mask
     win = windows(x, k, k, stride, oh, ow)  # (N, C, K*K, OH, OW)
     # argmax returns the first occurrence (array-API guarantee), i.e. row-major first.
     first = xp.argmax(win, axis=2)  # (N, C, OH, OW)
@@ -270,6 +272,7 @@ def max_pool2d(x: Array, kernel_size: int, stride: int) -> tuple[Array, Array]:
     return xp.max(win, axis=2), mask
 
 
+@delegate
 def max_pool2d_values(x: Array, kernel_size: int, stride: int) -> Array:
     """The ``y`` of :func:`max_pool2d` alone, for inference (no argmax mask to compute).
 
@@ -277,11 +280,10 @@ def max_pool2d_values(x: Array, kernel_size: int, stride: int) -> Array:
     """
     k = kernel_size
     oh, ow = _out_size(x.shape[2], k, stride, 0, 0), _out_size(x.shape[3], k, stride, 0, 0)
-    if _fast.applies(x):
-        return _fast.max_pool2d_values(x, k, stride, oh, ow)
     return array_namespace(x).max(windows(x, k, k, stride, oh, ow), axis=2)
 
 
+@delegate
 def max_pool2d_backward(
     dy: Array, mask: Array, x_shape: tuple[int, ...], kernel_size: int, stride: int
 ) -> Array:
@@ -290,14 +292,11 @@ def max_pool2d_backward(
     ``dy`` (N, C, OH, OW), ``mask`` from :func:`max_pool2d` -> ``dx`` (N, C, H, W).
     """
     xp = array_namespace(dy, mask)
-    if _fast.applies(dy) and type(mask) is type(dy):
-        dx = _fast.max_pool2d_backward(dy, mask, x_shape, kernel_size, stride)
-        if dx is not None:  # None: dy holds NaN/inf, which only the generic where keeps exact
-            return dx
     cols = xp.where(mask, dy[:, :, None, :, :], xp.zeros((), dtype=dy.dtype, device=_device(dy)))
     return fold(cols, x_shape, kernel_size, kernel_size, stride)
 
 
+@delegate
 def avg_pool2d(x: Array, kernel_size: int, stride: int) -> Array:
     """Mean over each KxK window: (N, C, H, W) -> (N, C, OH, OW), ``OH = (H - K) // S + 1``."""
     xp = array_namespace(x)
@@ -306,6 +305,7 @@ def avg_pool2d(x: Array, kernel_size: int, stride: int) -> Array:
     return xp.mean(windows(x, k, k, stride, oh, ow), axis=2)
 
 
+@delegate
 def avg_pool2d_backward(
     dy: Array, x_shape: tuple[int, ...], kernel_size: int, stride: int
 ) -> Array:
@@ -322,33 +322,31 @@ def avg_pool2d_backward(
 # ---------------------------------------------------------------------------
 
 
+@delegate
 def dense(x: Array, w: Array, b: Array | None = None) -> Array:
     """Fully connected layer ``y = x @ w + b``: x (N, I), w (I, O), b (O,) -> (N, O)."""
     y = x @ w
     return y if b is None else y + b
 
 
+@delegate
 def dense_backward(dy: Array, x: Array, w: Array) -> tuple[Array, Array, Array]:
     """Gradients of :func:`dense`: ``dx = dy @ w.T``, ``dw = x.T @ dy``, ``db = sum_n dy``."""
     xp = array_namespace(dy, x, w)
     return dy @ xp.matrix_transpose(w), xp.matrix_transpose(x) @ dy, xp.sum(dy, axis=0)
 
 
+@delegate
 def relu(x: Array) -> tuple[Array, Array]:
     """``y = max(x, 0)``; also returns the mask ``x > 0`` the backward pass needs."""
-    if _fast.applies(x):
-        return _fast.relu(x)
     xp = array_namespace(x)
     mask = x > 0
     return xp.where(mask, x, xp.zeros((), dtype=x.dtype, device=_device(x))), mask
 
 
+@delegate
 def relu_backward(dy: Array, mask: Array) -> Array:
     """The gradient passes where the input was positive and stops elsewhere."""
-    if _fast.applies(dy) and type(mask) is type(dy):
-        dx = _fast.relu_backward(dy, mask)
-        if dx is not None:  # None: dy holds NaN/inf, which only the generic where keeps exact
-            return dx
     xp = array_namespace(dy, mask)
     return xp.where(mask, dy, xp.zeros((), dtype=dy.dtype, device=_device(dy)))
 
@@ -358,6 +356,7 @@ def relu_backward(dy: Array, mask: Array) -> Array:
 # ---------------------------------------------------------------------------
 
 
+@delegate
 def log_softmax(x: Array, axis: int = -1) -> Array:
     """``log(softmax(x))`` computed as ``z - log(sum(exp(z)))`` with ``z = x - max(x)``.
 
@@ -369,6 +368,7 @@ def log_softmax(x: Array, axis: int = -1) -> Array:
     return z - xp.log(xp.sum(xp.exp(z), axis=axis, keepdims=True))
 
 
+@delegate
 def softmax(x: Array, axis: int = -1) -> Array:
     """Turn scores into probabilities: ``exp(x_i) / sum_j exp(x_j)`` along ``axis``."""
     xp = array_namespace(x)
@@ -376,6 +376,7 @@ def softmax(x: Array, axis: int = -1) -> Array:
     return e / xp.sum(e, axis=axis, keepdims=True)
 
 
+@delegate
 def softmax_backward(dy: Array, y: Array, axis: int = -1) -> Array:
     """Jacobian-vector product of softmax, given its output ``y``.
 
@@ -386,6 +387,7 @@ def softmax_backward(dy: Array, y: Array, axis: int = -1) -> Array:
     return y * (dy - xp.sum(dy * y, axis=axis, keepdims=True))
 
 
+@delegate
 def softmax_cross_entropy(logits: Array, labels: Array) -> tuple[Array, Array]:
     """Mean cross-entropy ``L = -ln(p_correct)`` of softmax probabilities, and its gradient.
 

@@ -207,19 +207,19 @@ class Conv2D(Layer):
 
     def forward(self, x: Array, *, train: bool = True) -> Array:
         self.check_input(x)
-        y, saved = F.conv2d_train(
+        y, saved = F.conv2d(
             x,
             self.params["weight"],
             self.params.get("bias"),
             stride=self.stride,
             padding=self.padding,
         )
-        # saved: the stacked windows, or (NumPy fast path) just the input.
+        # saved: a Conv2DSaved (the input, and the stacked windows on the generic path).
         self.cache = {"saved": saved} if train else {}
         return y
 
     def backward(self, dy: Array, *, need_dx: bool = True) -> Array | None:
-        dx, dw, db = F.conv2d_train_backward(
+        dx, dw, db = F.conv2d_backward(
             dy,
             self._cached("saved"),
             self.params["weight"],

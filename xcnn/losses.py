@@ -7,6 +7,7 @@ from typing import Any
 from array_api_compat import array_namespace
 
 from . import functional as F
+from .backend import device_context
 
 __all__ = ["softmax_cross_entropy", "check_labels"]
 
@@ -66,6 +67,7 @@ def softmax_cross_entropy(logits: Any, labels: Any, *, check: bool = True) -> tu
         )
     if not xp.isdtype(logits.dtype, "real floating"):
         raise TypeError(f"softmax_cross_entropy: logits must be floating, got dtype {logits.dtype}")
-    if check:
-        check_labels(labels, logits.shape[0], logits.shape[1])
-    return F.softmax_cross_entropy(logits, labels)
+    with device_context(logits):  # the label check computes on the logits' device too
+        if check:
+            check_labels(labels, logits.shape[0], logits.shape[1])
+        return F.softmax_cross_entropy(logits, labels)

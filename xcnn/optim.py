@@ -8,11 +8,11 @@ code stays correct for read-only and immutable arrays. Optimizer state
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from .backend import to_numpy
 from .model import Sequential
+from .updates import adam_update, momentum_update, sgd_update
 
 Array = Any
 
@@ -39,7 +39,17 @@ class Optimizer:
                     "call model.backward(...) first"
                 )
             slots = self.state.setdefault(key, {})
+            # (The update functions run with the parameter's device current.)
             layer.params[name] = self.update(layer.params[name], layer.grads[name], slots)
+        backend = self.model.backend
+        if backend.lazy:
+            # Compute and keep the new values now, or every later read would replay
+            # every step since the start (Dask): the per-step time stays flat.
+            holders = [(layer.params, name) for _, layer, name in self.model.named_params()]
+            holders += [(slots, s) for slots in self.state.values() for s in slots]
+            values = backend.materialise(*(d[k] for d, k in holders))
+            for (d, k), value in zip(holders, values, strict=True):
+                d[k] = value
 
     def update(self, p: Array, g: Array, slots: dict[str, Array]) -> Array:
         raise NotImplementedError
@@ -100,11 +110,12 @@ class SGD(Optimizer):
         return {"lr": self.lr, "momentum": self.momentum}
 
     def update(self, p: Array, g: Array, slots: dict[str, Array]) -> Array:
-        if self.momentum:
-            v = slots.get("velocity")
-            g = g if v is None else self.momentum * v + g
-            slots["velocity"] = g
-        return p - self.lr * g
+        if not self.momentum:
+            return sgd_update(p, g, lr=self.lr)
+        p, slots["velocity"] = momentum_update(
+            p, g, slots.get("velocity"), lr=self.lr, momentum=self.momentum
+        )
+        return p
 
 
 class Adam(Optimizer):
@@ -129,15 +140,12 @@ class Adam(Optimizer):
         return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps}
 
     def update(self, p: Array, g: Array, slots: dict[str, Array]) -> Array:
-        xp = self.model.xp
         b1, b2 = self.betas
-        m = (1 - b1) * g if "m" not in slots else b1 * slots["m"] + (1 - b1) * g
-        v = (1 - b2) * g * g if "v" not in slots else b2 * slots["v"] + (1 - b2) * g * g
-        slots["m"], slots["v"] = m, v
-        # Bias correction folded into the step size: one scalar instead of two arrays.
-        step = self.lr * math.sqrt(1 - b2**self.steps) / (1 - b1**self.steps)
-        eps = self.eps * math.sqrt(1 - b2**self.steps)
-        return p - step * m / (xp.sqrt(v) + eps)
+        p, slots["m"], slots["v"] = adam_update(
+            p, g, slots.get("m"), slots.get("v"), lr=self.lr, step=self.steps,
+            beta1=b1, beta2=b2, eps=self.eps,
+        )  # fmt: skip
+        return p
 
 
 OPTIMIZERS = ("sgd", "momentum", "adam")

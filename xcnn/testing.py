@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from array_api_compat import device
 
-from .backend import resolve_backend, to_numpy
+from .backend import device_context, resolve_backend, to_numpy
 from .layers import Layer
 from .losses import softmax_cross_entropy
 from .model import Sequential
@@ -104,7 +105,9 @@ def check_gradients(
     backend = (
         model.backend
         if model is not None
-        else resolve_backend(_namespace_of(probe) if probe is not None else "numpy")
+        else resolve_backend(_namespace_of(probe), device(probe))  # the layer's own device
+        if probe is not None
+        else resolve_backend("numpy")
     )
     dt = "float64"
     x_host = np.asarray(x, dtype=np.float64)

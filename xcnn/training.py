@@ -132,8 +132,8 @@ def _labels_to_device(model: Sequential, y: Any, n: int, num_classes: int, what:
     """Check labels once (on the host when they are host arrays), then move them."""
     if not model.backend.owns(y):
         y = np.asarray(to_numpy(y))
-        if y.dtype.kind in "iu":
-            y = y.astype(np.int64, copy=False)
+        if y.dtype.kind in "iu":  # the namespace's default integer (int32 on JAX without x64)
+            y = y.astype(model.backend.default_int, copy=False)
     check_labels(y, n, num_classes, where=what)
     return y if model.backend.owns(y) else model.asarray(y)
 
@@ -284,7 +284,7 @@ def _train_epoch(
     # host stream keeps runs identical across backends) and moved once.
     order = model.asarray(rng.permutation(n))
     loss_sum = xp.zeros((), dtype=x.dtype, device=model.device)
-    correct = xp.zeros((), dtype=xp.int64, device=model.device)
+    correct = xp.zeros((), dtype=y.dtype, device=model.device)  # (no int64: JAX without x64)
     seen, shown, last = 0, 0, start
     with tqdm(total=n, desc=label, unit="img", disable=not progress, leave=True) as bar:
         for i in range(0, n, batch_size):
@@ -298,7 +298,8 @@ def _train_epoch(
             nb = int(idx.shape[0])
             seen += nb
             loss_sum = loss_sum + loss * nb
-            correct = correct + xp.sum(xp.astype(xp.argmax(logits, axis=1) == yb, xp.int64))
+            correct = correct + xp.sum(xp.astype(xp.argmax(logits, axis=1) == yb, y.dtype))
+            loss_sum, correct = model.backend.materialise(loss_sum, correct)  # Dask: compute now
             now = time.perf_counter()
             if progress and (now - last >= _REFRESH_S or seen == n):
                 # The only device reads inside the epoch: a few per second.

@@ -252,7 +252,7 @@ def delegate(func: Func) -> Func:
         if table is None:
             table = _table(lib)
         impl = table.get(op)
-        with device_context(lib, x):
+        with device_context(x, lib):
             if impl is not None:
                 out = impl(*args, **kwargs)
                 if out is not FALLBACK:

@@ -1,13 +1,15 @@
-"""NumPy fast paths for the hot kernels of :mod:`xcnn.functional`.
+"""The NumPy kernel set: fast paths for the hot ops of :mod:`xcnn.functional`.
 
 The generic array-API code in ``functional.py`` is the definition of every
 operation and runs on every namespace. On NumPy (one CPU thread outside BLAS,
 no kernel fusion) some of it is slow for reasons that have nothing to do with
-the math, so :mod:`xcnn.functional` hands these cases to the functions here,
-behind one check per operation (:func:`applies`). They compute the same values;
+the math, so these kernels are registered for NumPy arrays in the kernel seam
+(:mod:`xcnn.kernels`): each has the generic function's signature and returns
+:data:`~xcnn.kernels.FALLBACK` for inputs it does not take (not float32/float64
+of one dtype, a strided convolution, a NaN). They compute the same values;
 ``tests/test_fast_paths.py`` compares both on the same inputs, and
-``XCNN_FAST=0`` in the environment (or ``_fast.ENABLED = False``) turns them
-off. What was measured (2-core AMD EPYC, OpenBLAS; ``benchmarks/README.md``):
+``XCNN_FAST=0`` in the environment (or ``kernels.set_enabled("numpy", False)``)
+turns them off. What was measured (2-core AMD EPYC, OpenBLAS; ``benchmarks/README.md``):
 
 - **Layout.** A convolution's output is produced as NHWC memory (handed on as
   an NCHW view, so callers see the usual shape): the im2col matrix for the
@@ -32,7 +34,7 @@ off. What was measured (2-core AMD EPYC, OpenBLAS; ``benchmarks/README.md``):
   non-finite gradient into NaN instead of 0, a cheap check falls back to the
   exact generic code.
 - **No fresh pages.** Every array made here lives in memory recycled from
-  earlier calls once nothing refers to it any more (:class:`_Recycler`):
+  earlier calls once nothing refers to it any more (:class:`xcnn.recycler.Recycler`):
   page faults and the kernel zeroing fresh pages cost as much as the math of
   an element-wise layer, and made the per-step time swing with the C
   allocator's state.
@@ -42,17 +44,14 @@ off. What was measured (2-core AMD EPYC, OpenBLAS; ``benchmarks/README.md``):
 
 from __future__ import annotations
 
-import math
-import os
-import sys
-import threading
 from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-#: Fast paths on (default) or off (``XCNN_FAST=0``): for comparisons and debugging.
-ENABLED = os.environ.get("XCNN_FAST", "1") != "0"
+from ..functional import Conv2DSaved, Padding, pad_amounts
+from ..recycler import memory_order, recycler
+from . import FALLBACK, register
 
 #: Bytes of im2col workspace per chunk of images: fits the L2/L3 caches of common CPUs.
 CHUNK_BYTES = 2 << 20
@@ -60,10 +59,8 @@ CHUNK_BYTES = 2 << 20
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def applies(*arrays: Any) -> bool:
-    """Whether the fast paths take these arrays: NumPy float32/float64, one dtype, on."""
-    if not ENABLED:
-        return False
+def _takes(*arrays: Any) -> bool:
+    """Whether these kernels take the arrays: NumPy float32/float64, all of one dtype."""
     dtype = None
     for a in arrays:
         if a is None:
@@ -74,70 +71,8 @@ def applies(*arrays: Any) -> bool:
     return True
 
 
-def _refs(buffers: list[np.ndarray], i: int) -> int:
-    """The reference count of ``buffers[i]`` (the list's reference included)."""
-    return sys.getrefcount(buffers[i])
-
-
-#: What :func:`_refs` reports for a buffer that only its list holds (2 on CPython 3.10-3.13);
-#: -1 (never reuse) where reference counts are not exact: other Pythons, free-threaded CPython.
-_UNHELD = (
-    _refs([np.empty(1, np.uint8)], 0)
-    if sys.implementation.name == "cpython" and getattr(sys, "_is_gil_enabled", lambda: True)()
-    else -1
-)
-
-
-class _Recycler(threading.local):
-    """Memory for the arrays this module makes, reused once nothing else refers to it.
-
-    A training step allocates the same large outputs every time (about 190 MB
-    for LeNet at batch 128), and fresh memory costs a page fault and the
-    kernel zeroing each page: on a VM as much time as the arithmetic of an
-    element-wise layer. A buffer is handed out again only when its CPython
-    reference count shows that this list is its only holder, so no array a
-    caller still holds (or any view of it) ever changes. Buffers are kept per
-    thread, the most recently used last; beyond ``max_buffers`` the oldest is
-    forgotten (and freed when its last user lets go).
-    """
-
-    max_buffers = 64
-
-    def __init__(self) -> None:
-        self.buffers: list[np.ndarray] = []  # 1-D uint8 arrays
-
-    def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-        """An uninitialised C-contiguous array, in recycled memory when possible."""
-        dtype = np.dtype(dtype)
-        nbytes = dtype.itemsize * math.prod(shape)
-        buffers = self.buffers
-        for i in range(len(buffers)):  # (no loop variable: it would hold a reference)
-            if buffers[i].nbytes == nbytes and _refs(buffers, i) == _UNHELD:
-                buffers.append(buffers.pop(i))
-                break
-        else:
-            buffers.append(np.empty(nbytes, np.uint8))
-            if len(buffers) > self.max_buffers:
-                del buffers[0]
-        return buffers[-1].view(dtype).reshape(shape)
-
-    def like(self, a: np.ndarray, dtype: Any = None) -> np.ndarray:
-        """An uninitialised array shaped like ``a`` with ``a``'s axis order in memory.
-
-        Element-wise passes over operands with one layout run over contiguous
-        memory; mixing an NHWC operand with an NCHW one would not.
-        """
-        order = _memory_order(a)
-        mem = self.empty(tuple(a.shape[ax] for ax in order), a.dtype if dtype is None else dtype)
-        return mem.transpose(tuple(order.index(ax) for ax in range(a.ndim)))
-
-
-_recycle = _Recycler()
-
-
-def release_memory() -> None:
-    """Forget the recycled buffers of this thread (they are freed once unused)."""
-    _recycle.buffers.clear()
+def _out(size: int, k: int, stride: int) -> int:
+    return (size - k) // stride + 1
 
 
 def _chunk(n: int, row_bytes: int) -> int:
@@ -168,36 +103,37 @@ def _shifted(flat: np.ndarray, kh: int, kw: int, row_w: int, rows: int) -> np.nd
 
 
 # ---------------------------------------------------------------------------
-# Convolution (stride 1; functional.py sends strided convolutions to the generic code)
+# Convolution (stride 1; strided convolutions fall back to the generic code)
 # ---------------------------------------------------------------------------
 
 
-def conv2d(
+def _conv2d(
     x: np.ndarray, w: np.ndarray, b: np.ndarray | None, pads: tuple[int, ...]
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+) -> tuple[np.ndarray, Conv2DSaved]:
     """Stride-1 convolution: ``y`` (N, F, OH, OW), an NCHW view of NHWC memory, and ``saved``.
 
-    ``saved`` is what :func:`conv2d_backward` needs: the input, and for a
-    single channel also its transposed columns (only 9x a one-channel input).
+    ``saved`` keeps the input and, for a single channel, its transposed
+    columns as workspace (only 9x a one-channel input); backward rebuilds
+    everything else from the input.
     """
     f, c, kh, kw = w.shape
-    saved = {"x": x}
+    colt = None
     xh = _nhwc(x, pads)  # (N, HP, WP, C)
     n, hp, wp, _ = xh.shape
     oh, ow = hp - kh + 1, wp - kw + 1
     wmat = w.transpose(2, 3, 1, 0).reshape(kh * kw * c, f)  # (KH*KW*C, F), rows (i, j, c)
-    y = _recycle.empty((n * oh * ow, f), x.dtype)  # rows (n, oh, ow): NHWC
+    y = recycler.empty((n * oh * ow, f), x.dtype)  # rows (n, oh, ow): NHWC
     if c == 1:
         # Single channel: columns transposed, each row a copy of runs of OW floats,
         # plus a row of ones that multiplies the bias (no separate pass adding it).
-        saved["cols"] = colt = _cols_t(xh, kh, kw, oh, ow)  # (KH*KW + 1, N*OH*OW)
+        colt = _cols_t(xh, kh, kw, oh, ow)  # (KH*KW + 1, N*OH*OW)
         if b is None:
             np.matmul(colt[:-1].T, wmat, out=y)
         else:
             np.matmul(colt.T, np.concatenate([wmat, b[None]]), out=y)  # (KH*KW + 1, F)
     else:
         step = _chunk(n, oh * ow * kh * kw * c * x.itemsize)
-        col = _recycle.empty((step, oh, ow, kh, kw, c), x.dtype)  # reused by every chunk
+        col = recycler.empty((step, oh, ow, kh, kw, c), x.dtype)  # reused by every chunk
         for n0 in range(0, n, step):
             n1 = min(n, n0 + step)
             for i in range(kh):
@@ -208,6 +144,7 @@ def conv2d(
             np.matmul(cols, wmat, out=rows)
             if b is not None:
                 rows += b  # while the rows are in cache
+    saved = Conv2DSaved(x=x, col=None, workspace=colt)
     return y.reshape(n, oh, ow, f).transpose(0, 3, 1, 2), saved  # y (N, F, OH, OW)
 
 
@@ -218,7 +155,7 @@ def _cols_t(xh: np.ndarray, kh: int, kw: int, oh: int, ow: int) -> np.ndarray:
     offset (i, j); the last row is all ones, the "pixel" a bias multiplies.
     """
     n = xh.shape[0]
-    colt = _recycle.empty((kh * kw + 1, n, oh, ow), xh.dtype)
+    colt = recycler.empty((kh * kw + 1, n, oh, ow), xh.dtype)
     for i in range(kh):
         for j in range(kw):
             colt[i * kw + j] = xh[:, i : i + oh, j : j + ow, 0]
@@ -226,15 +163,15 @@ def _cols_t(xh: np.ndarray, kh: int, kw: int, oh: int, ow: int) -> np.ndarray:
     return colt.reshape(kh * kw + 1, n * oh * ow)
 
 
-def conv2d_backward(
+def _conv2d_backward(
     dy: np.ndarray,
-    saved: dict[str, np.ndarray],
+    saved: Conv2DSaved,
     w: np.ndarray,
     pads: tuple[int, ...],
     need_dx: bool,
 ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-    """Gradients of :func:`conv2d`: (dx (N, C, H, W) or None, dw (F, C, KH, KW), db (F,))."""
-    x = saved["x"]
+    """Gradients of :func:`_conv2d`: (dx (N, C, H, W) or None, dw (F, C, KH, KW), db (F,))."""
+    x = saved.x
     f, c, kh, kw = w.shape
     n, _, h, wd = x.shape
     xh = _nhwc(x, pads)  # (N, HP, WP, C)
@@ -246,13 +183,16 @@ def conv2d_backward(
         # (Asked as dW^T = columns^T @ dy, OpenBLAS's two threads can spend seconds
         # waiting on each other when another process holds a core.)
         # The ones row of the columns makes the last column of the product db.
-        dwb = dyh.reshape(-1, f).T @ saved["cols"].T  # (F, KH*KW + 1)
+        colt = saved.workspace
+        if not (isinstance(colt, np.ndarray) and colt.shape == (kh * kw + 1, n * oh * ow)):
+            colt = _cols_t(xh, kh, kw, oh, ow)  # the forward was not this kernel's
+        dwb = dyh.reshape(-1, f).T @ colt.T  # (F, KH*KW + 1)
         return None, dwb[:, :-1].reshape(f, 1, kh, kw), dwb[:, -1].copy()
 
     # dW on the full-width grid: dy placed at the top-left of each (HP, WP) image,
     # zeros elsewhere, so that dy row r and input row r + i*WP + j meet at offset (i, j).
     step = _chunk(n, kh * kw * hp * wp * c * x.itemsize)  # the size of z below
-    dyfw = _recycle.empty((step, hp, wp, f), x.dtype)
+    dyfw = recycler.empty((step, hp, wp, f), x.dtype)
     dyfw[:, oh:] = 0  # the rows and columns beyond the output stay zero
     dyfw[:, :oh, ow:] = 0
     dwt = np.zeros((kh, kw, f, c), dtype=x.dtype)  # dW with the offsets first
@@ -261,10 +201,10 @@ def conv2d_backward(
     xflat = xh.reshape(-1, c)  # (N*HP*WP, C)
     if need_dx:
         wt = w.transpose(2, 3, 0, 1)  # (KH, KW, F, C): the filters of each offset
-        dxh = _recycle.empty(xh.shape, x.dtype)  # (N, HP, WP, C)
+        dxh = recycler.empty(xh.shape, x.dtype)  # (N, HP, WP, C)
         dxh.fill(0)
         dxflat = dxh.reshape(-1, c)
-        z = _recycle.empty((kh, kw, step * hp * wp, c), x.dtype)
+        z = recycler.empty((kh, kw, step * hp * wp, c), x.dtype)
     for n0 in range(0, n, step):
         n1 = min(n, n0 + step)
         d = dyh[n0:n1]  # (B, OH, OW, F)
@@ -308,34 +248,29 @@ def _offset_views(x: np.ndarray, k: int, stride: int, oh: int, ow: int) -> list[
     ]
 
 
-def _memory_order(a: np.ndarray) -> tuple[int, ...]:
-    """Axes of ``a`` from the largest stride to the smallest: its layout in memory."""
-    return tuple(sorted(range(a.ndim), key=lambda ax: -abs(a.strides[ax])))
-
-
-def max_pool2d(
+def _max_pool2d(
     x: np.ndarray, k: int, stride: int, oh: int, ow: int
-) -> tuple[np.ndarray, np.ndarray]:
+) -> Any:
     """(y (N, C, OH, OW), mask (N, C, K*K, OH, OW)) exactly as the generic code gives them.
 
     The mask is True at the first maximum of each window in row-major order.
     Both results keep the memory layout of ``x`` (NHWC after a fast convolution).
     """
     views = _offset_views(x, k, stride, oh, ow)
-    y = _recycle.like(views[0])  # (N, C, OH, OW) laid out like x
+    y = recycler.like(views[0])  # (N, C, OH, OW) laid out like x
     np.copyto(y, views[0])
     for v in views[1:]:
         np.maximum(y, v, out=y)
     if np.isnan(np.sum(y)):  # a NaN window: the generic argmax picks its first NaN
-        return y, None  # type: ignore[return-value]
+        return FALLBACK
     # One boolean plane per offset, laid out like y, so every step below is a
     # same-layout element-wise pass.
-    order = _memory_order(y)
-    buf = _recycle.empty((k * k,) + tuple(y.shape[a] for a in order), bool)
+    order = memory_order(y)
+    buf = recycler.empty((k * k,) + tuple(y.shape[a] for a in order), bool)
     back = tuple(order.index(a) for a in range(4))
     planes = [buf[r].transpose(back) for r in range(k * k)]  # each (N, C, OH, OW)
     np.equal(views[0], y, out=planes[0])
-    taken = _recycle.like(planes[0])  # windows whose maximum has a position already
+    taken = recycler.like(planes[0])  # windows whose maximum has a position already
     np.copyto(taken, planes[0])
     for v, plane in zip(views[1:-1], planes[1:-1], strict=True):
         np.equal(v, y, out=plane)
@@ -348,7 +283,7 @@ def max_pool2d(
     return y, mask  # mask (N, C, K*K, OH, OW)
 
 
-def max_pool2d_values(x: np.ndarray, k: int, stride: int, oh: int, ow: int) -> np.ndarray:
+def _max_pool2d_values(x: np.ndarray, k: int, stride: int, oh: int, ow: int) -> np.ndarray:
     """Only ``y`` of :func:`max_pool2d`, for inference: no mask, and for ``stride == k``
     in two passes (the max of K rows, then of K columns) instead of K*K - 1.
 
@@ -357,47 +292,46 @@ def max_pool2d_values(x: np.ndarray, k: int, stride: int, oh: int, ow: int) -> n
     """
     if stride != k:
         views = _offset_views(x, k, stride, oh, ow)
-        y = _recycle.like(views[0])
+        y = recycler.like(views[0])
         np.copyto(y, views[0])
         for v in views[1:]:
             np.maximum(y, v, out=y)
         return y
     rows = [x[:, :, i : i + k * (oh - 1) + 1 : k, : ow * k] for i in range(k)]  # (N, C, OH, OW*K)
-    b = _recycle.like(rows[0])
+    b = recycler.like(rows[0])
     np.copyto(b, rows[0])
     for r in rows[1:]:
         np.maximum(b, r, out=b)
     cols = [b[..., j::k] for j in range(k)]  # (N, C, OH, OW)
-    y = _recycle.like(cols[0])
+    y = recycler.like(cols[0])
     np.copyto(y, cols[0])
     for col in cols[1:]:
         np.maximum(y, col, out=y)
     return y
 
 
-def max_pool2d_backward(
+def _max_pool2d_backward(
     dy: np.ndarray, mask: np.ndarray, x_shape: tuple[int, ...], k: int, stride: int
-) -> np.ndarray | None:
-    """``dx`` (N, C, H, W): each window's gradient on its mask position; None if dy is not finite.
+) -> Any:
+    """``dx`` (N, C, H, W): each window's gradient on its mask position; FALLBACK if dy is not finite.
 
     Multiplying by the mask would spread a NaN/inf gradient over the whole
-    window (NaN * 0 = NaN); such rare batches return None and the caller uses
-    the generic code.
+    window (NaN * 0 = NaN); such rare batches run the generic code.
     """
     if not np.isfinite(np.sum(dy)):
-        return None
+        return FALLBACK
     oh, ow = dy.shape[2], dy.shape[3]
     plane0 = mask[:, :, 0]
-    order = _memory_order(plane0)
+    order = memory_order(plane0)
     shape = tuple(x_shape[a] for a in order)
     back = tuple(order.index(a) for a in range(4))
-    dx = _recycle.empty(shape, dy.dtype).transpose(back)  # (N, C, H, W), laid out like mask
+    dx = recycler.empty(shape, dy.dtype).transpose(back)  # (N, C, H, W), laid out like mask
     if stride == k:  # the windows tile the top-left; rows/columns beyond get zero
         dx[:, :, oh * k :, :] = 0
         dx[:, :, : oh * k, ow * k :] = 0
     else:  # gaps between windows, or overlaps to accumulate into
         dx.fill(0)
-    dyl = _recycle.empty(tuple(dy.shape[a] for a in order), dy.dtype).transpose(back)
+    dyl = recycler.empty(tuple(dy.shape[a] for a in order), dy.dtype).transpose(back)
     dyl[...] = dy  # dy in the mask's layout: one transposing copy, then aligned passes
     overlap = stride < k
     for r, view in enumerate(_offset_views(dx, k, stride, oh, ow)):
@@ -413,16 +347,86 @@ def max_pool2d_backward(
 # ---------------------------------------------------------------------------
 
 
-def relu(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _relu(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(max(x, 0), x > 0)``; ``fmax`` maps NaN to 0 like the generic ``where``."""
-    y, mask = _recycle.like(x), _recycle.like(x, bool)
+    y, mask = recycler.like(x), recycler.like(x, bool)
     np.fmax(x, x.dtype.type(0), out=y)
     np.greater(x, 0, out=mask)
     return y, mask
 
 
-def relu_backward(dy: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
-    """``dy * mask``, or None when dy holds a NaN/inf (the generic ``where`` then decides)."""
+def _relu_backward(dy: np.ndarray, mask: np.ndarray) -> Any:
+    """``dy * mask``, or FALLBACK when dy holds a NaN/inf (the generic ``where`` then decides)."""
     if not np.isfinite(np.sum(dy)):
-        return None
-    return np.multiply(dy, mask, out=_recycle.like(dy))
+        return FALLBACK
+    return np.multiply(dy, mask, out=recycler.like(dy))
+
+
+# ---------------------------------------------------------------------------
+# The registered kernels: the generic functions' signatures, FALLBACK when
+# the inputs are not theirs.
+# ---------------------------------------------------------------------------
+
+
+@register("numpy", "conv2d")
+def conv2d(
+    x: Any, w: Any, b: Any = None, *, stride: int = 1, padding: Padding = "valid"
+) -> Any:
+    if stride != 1 or not _takes(x, w, b):
+        return FALLBACK
+    return _conv2d(x, w, b, pad_amounts(x.shape[2], x.shape[3], w.shape[2], w.shape[3], 1, padding))
+
+
+@register("numpy", "conv2d_backward")
+def conv2d_backward(
+    dy: Any,
+    saved: Conv2DSaved,
+    w: Any,
+    *,
+    stride: int = 1,
+    padding: Padding = "valid",
+    need_dx: bool = True,
+) -> Any:
+    x = saved.x
+    if stride != 1 or not _takes(dy, x, w):
+        return FALLBACK
+    pads = pad_amounts(x.shape[2], x.shape[3], w.shape[2], w.shape[3], 1, padding)
+    return _conv2d_backward(dy, saved, w, pads, need_dx)
+
+
+@register("numpy", "max_pool2d")
+def max_pool2d(x: Any, kernel_size: int, stride: int) -> Any:
+    if not _takes(x):
+        return FALLBACK
+    k = kernel_size
+    return _max_pool2d(x, k, stride, _out(x.shape[2], k, stride), _out(x.shape[3], k, stride))
+
+
+@register("numpy", "max_pool2d_values")
+def max_pool2d_values(x: Any, kernel_size: int, stride: int) -> Any:
+    if not _takes(x):
+        return FALLBACK
+    k = kernel_size
+    oh, ow = _out(x.shape[2], k, stride), _out(x.shape[3], k, stride)
+    return _max_pool2d_values(x, k, stride, oh, ow)
+
+
+@register("numpy", "max_pool2d_backward")
+def max_pool2d_backward(
+    dy: Any, mask: Any, x_shape: tuple[int, ...], kernel_size: int, stride: int
+) -> Any:
+    if not _takes(dy) or type(mask) is not np.ndarray:
+        return FALLBACK
+    return _max_pool2d_backward(dy, mask, x_shape, kernel_size, stride)
+
+
+@register("numpy", "relu")
+def relu(x: Any) -> Any:
+    return _relu(x) if _takes(x) else FALLBACK
+
+
+@register("numpy", "relu_backward")
+def relu_backward(dy: Any, mask: Any) -> Any:
+    if not _takes(dy) or type(mask) is not np.ndarray:
+        return FALLBACK
+    return _relu_backward(dy, mask)

@@ -1,0 +1,91 @@
+"""Recycled NumPy memory for the kernels' outputs and workspaces.
+
+The NumPy kernel set (:mod:`xcnn.kernels.numpy`) makes every large array it
+returns in memory handed back by :class:`Recycler` once nothing refers to it
+any more: page faults and the kernel zeroing fresh pages cost as much as the
+arithmetic of an element-wise layer, and made the per-step time swing with
+the C allocator's state.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Recycler", "recycler", "release_memory", "memory_order"]
+
+
+def memory_order(a: np.ndarray) -> tuple[int, ...]:
+    """Axes of ``a`` from the largest stride to the smallest: its layout in memory."""
+    return tuple(sorted(range(a.ndim), key=lambda ax: -abs(a.strides[ax])))
+
+
+def _refs(buffers: list[np.ndarray], i: int) -> int:
+    """The reference count of ``buffers[i]`` (the list's reference included)."""
+    return sys.getrefcount(buffers[i])
+
+
+#: What :func:`_refs` reports for a buffer that only its list holds (2 on CPython 3.10-3.13);
+#: -1 (never reuse) where reference counts are not exact: other Pythons, free-threaded CPython.
+_UNHELD = (
+    _refs([np.empty(1, np.uint8)], 0)
+    if sys.implementation.name == "cpython" and getattr(sys, "_is_gil_enabled", lambda: True)()
+    else -1
+)
+
+
+class Recycler(threading.local):
+    """Memory for the arrays the NumPy kernels make, reused once nothing else refers to it.
+
+    A training step allocates the same large outputs every time (about 190 MB
+    for LeNet at batch 128), and fresh memory costs a page fault and the
+    kernel zeroing each page: on a VM as much time as the arithmetic of an
+    element-wise layer. A buffer is handed out again only when its CPython
+    reference count shows that this list is its only holder, so no array a
+    caller still holds (or any view of it) ever changes. Buffers are kept per
+    thread, the most recently used last; beyond ``max_buffers`` the oldest is
+    forgotten (and freed when its last user lets go).
+    """
+
+    max_buffers = 64
+
+    def __init__(self) -> None:
+        self.buffers: list[np.ndarray] = []  # 1-D uint8 arrays
+
+    def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+        """An uninitialised C-contiguous array, in recycled memory when possible."""
+        dtype = np.dtype(dtype)
+        nbytes = dtype.itemsize * math.prod(shape)
+        buffers = self.buffers
+        for i in range(len(buffers)):  # (no loop variable: it would hold a reference)
+            if buffers[i].nbytes == nbytes and _refs(buffers, i) == _UNHELD:
+                buffers.append(buffers.pop(i))
+                break
+        else:
+            buffers.append(np.empty(nbytes, np.uint8))
+            if len(buffers) > self.max_buffers:
+                del buffers[0]
+        return buffers[-1].view(dtype).reshape(shape)
+
+    def like(self, a: np.ndarray, dtype: Any = None) -> np.ndarray:
+        """An uninitialised array shaped like ``a`` with ``a``'s axis order in memory.
+
+        Element-wise passes over operands with one layout run over contiguous
+        memory; mixing an NHWC operand with an NCHW one would not.
+        """
+        order = memory_order(a)
+        mem = self.empty(tuple(a.shape[ax] for ax in order), a.dtype if dtype is None else dtype)
+        return mem.transpose(tuple(order.index(ax) for ax in range(a.ndim)))
+
+
+#: The recycler of this process (its buffers are per thread).
+recycler = Recycler()
+
+
+def release_memory() -> None:
+    """Forget the recycled buffers of this thread (they are freed once unused)."""
+    recycler.buffers.clear()
