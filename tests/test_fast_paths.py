@@ -1,9 +1,11 @@
-"""The NumPy fast paths (xcnn/_fast.py) against the generic array-API code, same inputs.
+"""The NumPy kernel set (xcnn/kernels/numpy.py) against the generic array-API code.
 
 Every comparison runs the public function twice on identical NumPy arrays:
-once as shipped (fast path) and once with ``_fast.ENABLED = False`` (the
-generic code every other namespace runs). float64 results must agree to
-rounding; masks and routing must agree exactly.
+once as shipped (through the kernel seam) and once with the NumPy set
+switched off (``kernels.disabled("numpy")``: the generic code every other
+namespace runs). float64 results must agree to rounding; masks and routing
+must agree exactly. One test registers a deliberately wrong kernel to show
+the comparison catches it.
 """
 
 from __future__ import annotations
@@ -16,21 +18,18 @@ import numpy as np
 import pytest
 
 import xcnn
-from xcnn import _fast
 from xcnn import functional as F
+from xcnn import kernels, recycler
+from xcnn.kernels import numpy as npk
 
 ROOT = Path(__file__).resolve().parents[1]
 RTOL = 1e-12
 
 
 def generic(fn, *args, **kwargs):
-    """Call ``fn`` with the fast paths switched off."""
-    saved = _fast.ENABLED
-    _fast.ENABLED = False
-    try:
+    """Call ``fn`` with the NumPy kernel set switched off."""
+    with kernels.disabled("numpy"):
         return fn(*args, **kwargs)
-    finally:
-        _fast.ENABLED = saved
 
 
 def close(a, b, rtol=RTOL):
@@ -50,7 +49,7 @@ def readonly(a):
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks of one or two images, so the chunk loops and a ragged last chunk run."""
-    monkeypatch.setattr(_fast, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(npk, "CHUNK_BYTES", 1)
 
 
 # ----------------------------------------------------------------------------- convolution
@@ -80,19 +79,23 @@ def test_conv_fast_equals_generic(case, bias, chunks, request):
     wt = readonly(rng.standard_normal((f, c, kh, kw)))
     b = readonly(rng.standard_normal(f)) if bias else None
 
-    y, saved = F.conv2d_train(x, wt, b, padding=padding)
-    y_ref, saved_ref = generic(F.conv2d_train, x, wt, b, padding=padding)
-    assert "x" in saved and set(saved_ref) == {"col", "x_shape"}
+    y, saved = F.conv2d(x, wt, b, padding=padding)
+    y_ref, saved_ref = generic(F.conv2d, x, wt, b, padding=padding)
+    assert saved.col is None and saved_ref.col is not None  # the kernel ran, then the generic
     close(y, y_ref)
-    # The public conv2d (generic on every namespace) agrees as well.
-    close(F.conv2d(x, wt, b, padding=padding)[0], y_ref)
+    close(F.conv2d.generic(x, wt, b, padding=padding)[0], y_ref)
 
     dy = readonly(rng.standard_normal(y.shape))
     for need_dx in (True, False):
-        dx, dw, db = F.conv2d_train_backward(dy, saved, wt, padding=padding, need_dx=need_dx)
-        dx_ref, dw_ref, db_ref = F.conv2d_train_backward(
-            dy, saved_ref, wt, padding=padding, need_dx=need_dx
+        dx, dw, db = F.conv2d_backward(dy, saved, wt, padding=padding, need_dx=need_dx)
+        dx_ref, dw_ref, db_ref = generic(
+            F.conv2d_backward, dy, saved_ref, wt, padding=padding, need_dx=need_dx
         )
+        # Any backward takes any forward's saved state: the generic backward rebuilds
+        # the windows from the input, the kernel ignores them.
+        cross = F.conv2d_backward.generic(dy, saved, wt, padding=padding, need_dx=need_dx)
+        close(cross[1], dw_ref)
+        close(F.conv2d_backward(dy, saved_ref, wt, padding=padding, need_dx=need_dx)[1], dw_ref)
         close(dw, dw_ref)
         close(db, db_ref)
         if need_dx:
@@ -104,9 +107,10 @@ def test_conv_fast_equals_generic(case, bias, chunks, request):
 def test_conv_strided_takes_the_generic_path():
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal((2, 3, 9, 9)), rng.standard_normal((4, 3, 3, 3))
-    y, saved = F.conv2d_train(x, w, None, stride=2)
-    assert "col" in saved
-    close(y, F.conv2d(x, w, None, stride=2)[0])
+    y, saved = F.conv2d(x, w, None, stride=2)
+    assert saved.col is not None  # the kernel returned FALLBACK
+    assert npk.conv2d(x, w, None, stride=2) is kernels.FALLBACK
+    close(y, F.conv2d.generic(x, w, None, stride=2)[0])
 
 
 def test_conv_accepts_any_input_layout():
@@ -115,13 +119,13 @@ def test_conv_accepts_any_input_layout():
     base = rng.standard_normal((7, 6, 3, 2))  # (W, H, C, N) in memory
     x = base.transpose(3, 2, 1, 0)[:, :, :, ::-1]  # (N, C, H, W), strides all over the place
     w = rng.standard_normal((4, 3, 3, 3))
-    y, saved = F.conv2d_train(x, w, None)
-    y_ref, saved_ref = generic(F.conv2d_train, x, w, None)
+    y, saved = F.conv2d(x, w, None)
+    y_ref, saved_ref = generic(F.conv2d, x, w, None)
     close(y, y_ref)
     dy = np.asfortranarray(rng.standard_normal(y.shape))
     for got, ref in zip(
-        F.conv2d_train_backward(dy, saved, w),
-        F.conv2d_train_backward(dy, saved_ref, w),
+        F.conv2d_backward(dy, saved, w),
+        generic(F.conv2d_backward, dy, saved_ref, w),
         strict=True,
     ):
         close(got, ref)
@@ -132,19 +136,20 @@ def test_conv_float32_is_float32_and_accurate():
     x = rng.standard_normal((4, 3, 10, 10))
     w, b = rng.standard_normal((5, 3, 3, 3)), rng.standard_normal(5)
     f32 = [a.astype(np.float32) for a in (x, w, b)]
-    y, saved = F.conv2d_train(*f32)
+    y, saved = F.conv2d(*f32)
     assert y.dtype == np.float32
     close(y.astype(np.float64), F.conv2d(x, w, b)[0], rtol=1e-6)
-    dx, dw, db = F.conv2d_train_backward(np.ones(y.shape, np.float32), saved, f32[1])
+    dx, dw, db = F.conv2d_backward(np.ones(y.shape, np.float32), saved, f32[1])
     assert dx.dtype == dw.dtype == db.dtype == np.float32
 
 
 def test_conv_mixed_dtypes_use_the_generic_path():
     x = np.ones((1, 1, 5, 5), np.float32)
     w = np.ones((2, 1, 3, 3), np.float64)
-    y, saved = F.conv2d_train(x, w)
-    assert "col" in saved and y.dtype == np.float64
-    assert not _fast.applies(x, w) and not _fast.applies(np.ones(3, np.float16))
+    y, saved = F.conv2d(x, w)
+    assert saved.col is not None and y.dtype == np.float64
+    assert npk.conv2d(x, w) is kernels.FALLBACK
+    assert npk.relu(np.ones(3, np.float16)) is kernels.FALLBACK
 
 
 # ----------------------------------------------------------------------------- max pooling
@@ -307,24 +312,69 @@ def test_model_step_fast_equals_generic(input_grad, small_chunks):
 
 
 def test_fast_paths_off_by_environment():
-    code = "from xcnn import _fast; print(_fast.ENABLED)"
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={"XCNN_FAST": "0", "PATH": ""},
-        check=True,
+    code = (
+        "import numpy as np; from xcnn import kernels, functional as F; "
+        "F.relu(np.ones(2)); print(kernels.enabled('numpy'), kernels.kernel('numpy', 'relu'), "
+        "kernels.enabled('cupy'))"
     )
-    assert out.stdout.strip() == "False"
+    for env, want in (({"XCNN_FAST": "0"}, "False None False"), ({}, "True <function")):
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={"PATH": "", "PYTHONPATH": str(ROOT), **env},
+            check=True,
+        )
+        assert out.stdout.startswith(want), out.stdout
 
 
 def test_other_namespaces_never_take_the_fast_path():
     xps = pytest.importorskip("array_api_strict")
     x = xps.ones((1, 1, 5, 5))
     w = xps.ones((2, 1, 3, 3))
-    y, saved = F.conv2d_train(x, w)
-    assert "col" in saved and not _fast.applies(x)
+    y, saved = F.conv2d(x, w)
+    assert saved.col is not None and kernels.kernel("array_api_strict", "conv2d") is None
+
+
+# ----------------------------------------------------------------------------- the seam itself
+def test_the_comparison_catches_a_wrong_kernel():
+    """A deliberately wrong NumPy kernel (ReLU that lets negatives through) is caught."""
+    x = readonly(np.random.default_rng(9).standard_normal((2, 3, 4, 4)))
+    original = kernels.kernel("numpy", "relu")
+
+    @kernels.register("numpy", "relu")
+    def leaky(x):
+        return np.where(x > 0, x, 0.01 * x), x > 0
+
+    try:
+        assert F.relu(x)[0].min() < 0  # the seam really calls the registered kernel
+        with pytest.raises(AssertionError, match="relative difference"):
+            close(F.relu(x)[0], generic(F.relu, x)[0])
+    finally:
+        kernels.register("numpy", "relu")(original)
+    close(F.relu(x)[0], generic(F.relu, x)[0])
+
+
+def test_a_kernel_must_have_the_generic_signature():
+    original = kernels.kernel("numpy", "relu_backward")
+    kernels.register("numpy", "relu_backward")(lambda dy, m: dy)
+    try:
+        with pytest.raises(TypeError, match="does not have the signature"):
+            F.relu_backward(np.ones(2), np.ones(2, bool))
+    finally:
+        kernels.register("numpy", "relu_backward")(original)
+    with pytest.raises(ValueError, match="unknown op"):
+        kernels.register("numpy", "no_such_op")
+
+
+def test_every_delegated_op_is_in_the_docstring_list():
+    from xcnn import updates
+
+    for op in kernels.OPS:
+        func = getattr(F, op, None) or getattr(updates, op)
+        assert func.generic.__name__ == op
+        assert f"    {op}(" in kernels.__doc__
 
 
 # ----------------------------------------------------------------------------- recycled memory
@@ -345,7 +395,7 @@ def test_recycled_memory_never_changes_an_array_someone_holds():
     sys.implementation.name != "cpython", reason="reuse relies on CPython refcounts"
 )
 def test_recycled_memory_is_reused_once_dropped():
-    _fast.release_memory()  # no free buffer of this size left over from other tests
+    recycler.release_memory()  # no free buffer of this size left over from other tests
     x = np.random.default_rng(7).standard_normal((4, 6, 10, 10))
     y = F.relu(x)[0]
     address = y.__array_interface__["data"][0]
@@ -358,16 +408,16 @@ def test_recycled_memory_is_reused_once_dropped():
 def test_recycler_forgets_old_buffers_and_threads_do_not_share():
     import threading
 
-    for size in range(1, 2 * _fast._Recycler.max_buffers):
-        _fast._recycle.empty((size,), np.float64)
-    assert len(_fast._recycle.buffers) <= _fast._Recycler.max_buffers
+    for size in range(1, 2 * recycler.Recycler.max_buffers):
+        recycler.recycler.empty((size,), np.float64)
+    assert len(recycler.recycler.buffers) <= recycler.Recycler.max_buffers
     seen = []
-    t = threading.Thread(target=lambda: seen.append(len(_fast._recycle.buffers)))
+    t = threading.Thread(target=lambda: seen.append(len(recycler.recycler.buffers)))
     t.start()
     t.join()
     assert seen == [0]
-    _fast.release_memory()
-    assert _fast._recycle.buffers == []
+    recycler.release_memory()
+    assert recycler.recycler.buffers == []
 
 
 def test_training_twice_gives_identical_results():

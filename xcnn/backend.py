@@ -139,7 +139,8 @@ class Backend:
     def default_int(self) -> Any:
         """The namespace's default integer dtype on this device (int64, or int32 for JAX)."""
         info = self.xp.__array_namespace_info__()
-        return np.dtype(str(info.default_dtypes(device=self.device)["integral"]))
+        default = info.default_dtypes(device=self.device)["integral"]
+        return np.dtype(next(k for k, v in self._supported().items() if v == default))
 
     def _import(self, x: Any) -> Any:
         """Another library's (or device's) array on this device by DLPack; None if it can't."""
@@ -232,10 +233,14 @@ def resolve_backend(spec: str | ModuleType | Backend = "numpy", device: Any = No
         try:
             module = importlib.import_module(spec)
         except ImportError as e:
-            hint = {"torch": "pip install torch", "jax.numpy": "pip install jax"}.get(
-                spec, f"pip install {spec.partition('.')[0].replace('_', '-')}"
+            if spec in _INSTALL:
+                raise BackendError(f"{spec} is not installed: {_INSTALL[spec]}") from e
+            raise ValueError(f"unknown backend {spec!r}: {_KNOWN} ({e})") from None
+        if module.__name__ not in _WRAPPED and not hasattr(module, "__array_namespace_info__"):
+            raise ValueError(
+                f"unknown backend {spec!r}: the module is not an array-API namespace (it has no "
+                f"__array_namespace_info__) nor a library array-api-compat wraps; {_KNOWN}"
             )
-            raise BackendError(f"backend {spec!r} is not installed ({e}): {hint}") from e
         return resolve_backend(module, device)
     if not isinstance(spec, ModuleType):
         raise TypeError(f"backend must be a module name or a module, got {spec!r}")
@@ -270,6 +275,17 @@ def _namespace_of_module(module: ModuleType) -> ModuleType:
         "use e.g. 'numpy', 'torch', 'jax.numpy', 'dask.array' or 'array_api_strict'"
     )
 
+
+_KNOWN = (
+    "use 'numpy', 'cupy', 'torch', 'jax.numpy', 'dask.array', 'array_api_strict' or another "
+    "importable array-API namespace"
+)
+_INSTALL = {
+    "torch": "pip install torch",
+    "jax.numpy": "pip install jax",
+    "dask.array": "pip install 'dask[array]'",
+    "array_api_strict": "pip install array-api-strict",
+}
 
 #: Library modules that are not array-API namespaces themselves, and their wrappers.
 _WRAPPED = {
