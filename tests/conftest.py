@@ -3,7 +3,12 @@
 - numpy and array_api_strict (its default device, "device1" and the
   float32-only "no_float64" device) always;
 - cupy where CuPy imports and a CUDA device answers (marked ``gpu``);
-- torch where it is installed.
+- torch, JAX (``jax.numpy`` on the CPU) and Dask (``dask.array``, through
+  array-api-compat) where they are installed.
+
+JAX computes in float32 unless ``jax_enable_x64`` is set; it is set once
+here, for the whole session, so float64 tests run on JAX as on the others
+(the CLI test of ``--backend jax.numpy`` runs in a subprocess, without it).
 
 ``XCNN_BACKENDS=numpy,cupy`` narrows the set (names as in the test ids, e.g.
 ``strict-device1``). ``XCNN_REQUIRE_CUPY=1`` (set it on GPU runners) turns a
@@ -13,6 +18,7 @@ by skipping.
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +54,23 @@ def _cupy_status() -> str | None:
     return None
 
 
+def _optional(case: Case, module: str, why: str) -> Any:
+    """A case for an optional library: skipped, saying so, where it is not installed."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return pytest.param(case, id=case.id, marks=pytest.mark.skip(reason=f"{module} {why}"))
+    return pytest.param(case, id=case.id)
+
+
+try:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+except ImportError:
+    pass
+
+
 def _cases() -> list:
     cases = [
         pytest.param(Case("numpy", "numpy"), id="numpy"),
@@ -66,18 +89,11 @@ def _cases() -> list:
     # With XCNN_REQUIRE_CUPY set and CuPy missing, the case still runs and
     # fails on its first model: a GPU run can never pass by skipping.
     cases.append(pytest.param(Case("cupy", "cupy"), id="cupy", marks=marks))
-    try:
-        import torch  # noqa: F401
-
-        cases.append(pytest.param(Case("torch", "torch"), id="torch"))
-    except ImportError:
-        cases.append(
-            pytest.param(
-                Case("torch", "torch"),
-                id="torch",
-                marks=pytest.mark.skip(reason="torch not installed (optional reference backend)"),
-            )
-        )
+    cases.append(_optional(Case("torch", "torch"), "torch", "not installed (optional)"))
+    cases.append(_optional(Case("jax", "jax.numpy"), "jax", "not installed (pip install jax)"))
+    cases.append(
+        _optional(Case("dask", "dask.array"), "dask.array", "not installed (pip install dask)")
+    )
     only = os.environ.get("XCNN_BACKENDS")
     if only:
         keep = {s.strip() for s in only.split(",")}
