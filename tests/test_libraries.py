@@ -241,8 +241,9 @@ def test_jax_arrays_are_immutable_and_the_generic_code_never_writes():
     w = jnp.asarray(np.random.default_rng(1).random((4, 3, 2, 2)))
     y, saved = F.conv2d(x, w, None, stride=2, padding=1)  # padding and fold
     dx, dw, db = F.conv2d_backward(jnp.ones(y.shape), saved, w, stride=2, padding=1)
-    ref = F.conv2d_backward(np.ones(y.shape), F.conv2d(np.asarray(x), np.asarray(w), None,
-                            stride=2, padding=1)[1], np.asarray(w), stride=2, padding=1)  # fmt: skip
+    xh, wh = np.asarray(x), np.asarray(w)
+    saved_h = F.conv2d(xh, wh, None, stride=2, padding=1)[1]
+    ref = F.conv2d_backward(np.ones(y.shape), saved_h, wh, stride=2, padding=1)
     np.testing.assert_allclose(np.asarray(dx), ref[0], rtol=1e-12)
     with pytest.raises(TypeError):
         x[0, 0, 0, 0] = 1.0  # noqa: B018 -- JAX refuses what the old _pad/fold did

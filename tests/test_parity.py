@@ -129,3 +129,57 @@ def test_model_to_moves_everything(backend):
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-6)
     model.to("numpy")
     np.testing.assert_array_equal(xcnn.to_numpy(model.forward(model.asarray(x))), before)
+
+
+#: Done-when nets: the tutorial's, and one mixing "same" padding, an even kernel with
+#: stride 2 and integer padding, and overlapping average pooling.
+STEP_NETS = {
+    "tutorial": (NETS["tutorial"], (4, 1, 28, 28), 10),
+    "mixed": (
+        lambda: [
+            xcnn.Conv2D(2, 4, 3, padding="same"),
+            xcnn.ReLU(),
+            xcnn.Conv2D(4, 5, 4, stride=2, padding=1),
+            xcnn.ReLU(),
+            xcnn.AvgPool2D(3, stride=2),
+            xcnn.MaxPool2D(2, stride=1),
+            xcnn.Flatten(),
+            xcnn.Dense(5 * 1 * 1, 4),
+        ],
+        (3, 2, 12, 12),
+        4,
+    ),
+}
+
+
+@pytest.mark.parametrize("net", STEP_NETS)
+def test_float64_forward_gradients_and_three_sgd_steps_match_numpy(other_backend, net):
+    """Within 1e-10 of NumPy on every library: outputs, loss, gradients, weights after each step."""
+    if not other_backend.float64:
+        pytest.skip(f"{other_backend.id} has no float64")
+    make, shape, classes = STEP_NETS[net]
+    rng = np.random.default_rng(5)
+    x, y = rng.random(shape), rng.integers(0, classes, shape[0])
+    models = [
+        xcnn.Sequential(make(), dtype="float64", seed=3),
+        other_backend.model(make(), dtype="float64", seed=3),
+    ]
+    optimizers = [xcnn.make_optimizer("sgd", m, 0.1) for m in models]
+    worst = 0.0
+    for _ in range(3):
+        got = []
+        for model, opt in zip(models, optimizers, strict=True):
+            out = model.forward(model.asarray(x))
+            loss, d = xcnn.softmax_cross_entropy(out, model.asarray(y))
+            dx = model.backward(d)
+            tensors = {"output": out, "loss": loss, "input_grad": dx}
+            tensors.update({k: lay.grads[n] for k, lay, n in model.named_params()})
+            opt.step()
+            tensors.update({f"new {k}": lay.params[n] for k, lay, n in model.named_params()})
+            got.append({k: xcnn.to_numpy(v) for k, v in tensors.items()})
+        for key, ref in got[0].items():
+            scale = max(float(np.abs(ref).max()), 1e-30)
+            err = float(np.abs(got[1][key] - ref).max()) / scale
+            worst = max(worst, err)
+            assert err <= 1e-10, f"{other_backend.id} {key}: {err:.2e}"
+    print(f"{other_backend.id} {net}: worst relative difference {worst:.1e}")

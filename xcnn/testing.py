@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from array_api_compat import device
 
-from .backend import device_context, resolve_backend, to_numpy
+from .backend import resolve_backend, to_numpy
 from .layers import Layer
 from .losses import softmax_cross_entropy
 from .model import Sequential

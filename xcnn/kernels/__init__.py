@@ -88,6 +88,8 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from xcnn.backend import device_context  # the one module that knows libraries by name
+
 __all__ = [
     "FALLBACK",
     "OPS",
@@ -237,8 +239,6 @@ def delegate(func: Func) -> Func:
     The wrapper also makes the first argument's device current while the op
     runs, and exposes the undecorated function as ``.generic``.
     """
-    from ..backend import device_context  # backend.py: the one place knowing libraries
-
     op = func.__name__
     if op not in OPS:
         raise ValueError(f"delegate: {op!r} is not in kernels.OPS")

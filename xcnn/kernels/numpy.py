@@ -49,8 +49,9 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from ..functional import Conv2DSaved, Padding, pad_amounts
-from ..recycler import memory_order, recycler
+from xcnn.functional import Conv2DSaved, Padding, pad_amounts
+from xcnn.recycler import memory_order, recycler
+
 from . import FALLBACK, register
 
 #: Bytes of im2col workspace per chunk of images: fits the L2/L3 caches of common CPUs.
@@ -248,9 +249,7 @@ def _offset_views(x: np.ndarray, k: int, stride: int, oh: int, ow: int) -> list[
     ]
 
 
-def _max_pool2d(
-    x: np.ndarray, k: int, stride: int, oh: int, ow: int
-) -> Any:
+def _max_pool2d(x: np.ndarray, k: int, stride: int, oh: int, ow: int) -> Any:
     """(y (N, C, OH, OW), mask (N, C, K*K, OH, OW)) exactly as the generic code gives them.
 
     The mask is True at the first maximum of each window in row-major order.
@@ -313,7 +312,7 @@ def _max_pool2d_values(x: np.ndarray, k: int, stride: int, oh: int, ow: int) -> 
 def _max_pool2d_backward(
     dy: np.ndarray, mask: np.ndarray, x_shape: tuple[int, ...], k: int, stride: int
 ) -> Any:
-    """``dx`` (N, C, H, W): each window's gradient on its mask position; FALLBACK if dy is not finite.
+    """``dx`` (N, C, H, W): each window's gradient on its mask position (FALLBACK: dy not finite).
 
     Multiplying by the mask would spread a NaN/inf gradient over the whole
     window (NaN * 0 = NaN); such rare batches run the generic code.
@@ -369,9 +368,7 @@ def _relu_backward(dy: np.ndarray, mask: np.ndarray) -> Any:
 
 
 @register("numpy", "conv2d")
-def conv2d(
-    x: Any, w: Any, b: Any = None, *, stride: int = 1, padding: Padding = "valid"
-) -> Any:
+def conv2d(x: Any, w: Any, b: Any = None, *, stride: int = 1, padding: Padding = "valid") -> Any:
     if stride != 1 or not _takes(x, w, b):
         return FALLBACK
     return _conv2d(x, w, b, pad_amounts(x.shape[2], x.shape[3], w.shape[2], w.shape[3], 1, padding))
