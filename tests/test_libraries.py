@@ -260,3 +260,34 @@ def test_xcnn_train_with_jax_numpy(tmp_path):
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "jax.numpy backend" in done.stdout
+
+
+# ----------------------------------------------------------------------------- read-only NumPy
+def _readonly(a):
+    a = np.array(a)
+    a.flags.writeable = False
+    return a
+
+
+@pytest.mark.parametrize("path", ["kernels", "generic"])
+def test_nothing_writes_into_inputs_parameters_or_gradients(path):
+    """Read-only NumPy arrays everywhere (STYLE.md): a hidden in-place write would raise."""
+    from contextlib import nullcontext
+
+    from xcnn import kernels
+
+    x, y = data()
+    with kernels.disabled("numpy") if path == "generic" else nullcontext():
+        for name in ("sgd", "momentum", "adam"):
+            model = xcnn.Sequential(small_net(), dtype="float64", seed=1)
+            opt = xcnn.make_optimizer(name, model, 0.01)
+            for _ in range(2):
+                for _, layer, pname in model.named_params():
+                    layer.params[pname] = _readonly(layer.params[pname])
+                loss, d = xcnn.softmax_cross_entropy(model.forward(_readonly(x)), _readonly(y))
+                model.backward(_readonly(d))
+                for layer in model.layers:
+                    layer.grads = {k: _readonly(v) for k, v in layer.grads.items()}
+                for slots in opt.state.values():
+                    slots.update({k: _readonly(v) for k, v in slots.items()})
+                opt.step()

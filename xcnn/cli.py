@@ -102,7 +102,8 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend",
         default="numpy",
-        help="numpy (CPU, default) or cupy (CUDA GPU); torch and array_api_strict also work",
+        help="array library by module name: numpy (CPU, default), cupy (CUDA GPU), torch, "
+        "jax.numpy, dask.array, array_api_strict or any array-API namespace",
     )
     p.add_argument("--device", help="device of the backend, e.g. the CUDA device index")
 

@@ -71,10 +71,12 @@ class Sequential:
         return self.backend.device
 
     def asarray(self, host: Any) -> Array:
-        """Host array -> this model's backend and device.
+        """Host array, or any backend's array -> this model's backend and device.
 
         Floating arrays are cast to the model's dtype; integer arrays (labels,
         uint8 images) keep their dtype, so scaling images stays explicit.
+        Another library's arrays cross by DLPack where both support it, else
+        through the host (:meth:`xcnn.Backend.asarray`).
         """
         return self.backend.asarray(host, self.dtype)
 
@@ -132,7 +134,10 @@ class Sequential:
         return {key: to_numpy(layer.params[name]) for key, layer, name in self.named_params()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Copy host arrays (from :meth:`state_dict`) into the parameters, checking shapes."""
+        """Copy arrays (from :meth:`state_dict`, or any backend's) into the parameters.
+
+        Shapes are checked; values cross as :meth:`asarray` says.
+        """
         expected = {key for key, _, _ in self.named_params()}
         if set(state) != expected:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)

@@ -95,6 +95,7 @@ __all__ = [
     "OPS",
     "delegate",
     "register",
+    "unregister",
     "kernel",
     "enabled",
     "set_enabled",
@@ -176,6 +177,12 @@ def register(lib: str, op: str) -> Callable[[Func], Func]:
         return func
 
     return deco
+
+
+def unregister(lib: str, op: str) -> None:
+    """Remove the ``lib`` kernel of ``op``, if any (the generic code runs from then on)."""
+    _KERNELS.get(lib, {}).pop(op, None)
+    _TABLES.pop(lib, None)
 
 
 def _signature(func: Callable[..., Any]) -> list[tuple[str, Any, Any]]:
