@@ -527,10 +527,10 @@ def environment(target: Target) -> dict[str, Any]:
 
 def _fast_paths_state() -> str:
     try:
-        from xcnn import _fast
+        from xcnn import kernels
     except ImportError:
         return "none (generic array-API code only)"
-    return "on" if _fast.ENABLED else "off (XCNN_FAST=0)"
+    return "on" if kernels.enabled("numpy") else "off (XCNN_FAST=0)"
 
 
 def _cpu_model() -> str:

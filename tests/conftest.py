@@ -69,6 +69,13 @@ try:
     jax.config.update("jax_enable_x64", True)
 except ImportError:
     pass
+try:
+    import dask
+
+    # The test arrays are small: one thread computes them faster than a pool wakes up.
+    dask.config.set(scheduler="synchronous")
+except ImportError:
+    pass
 
 
 def _cases() -> list:
