@@ -65,6 +65,8 @@ MODULES = [
     "xcnn.testing",
     "xcnn.plots",
     "xcnn.functional",
+    "xcnn.updates",
+    "xcnn.kernels",
 ]
 
 LIST_SECTIONS = {
