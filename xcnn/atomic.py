@@ -77,7 +77,7 @@ def check_writable(path: str | os.PathLike[str]) -> Path:
     target = resolve_target(path)
     directory = target.parent
     if not directory.is_dir():
-        raise FileNotFoundError(errno.ENOENT, "no such directory", str(directory))
+        raise FileNotFoundError(errno.ENOENT, "No such directory", str(directory))
     if not os.access(directory, os.W_OK | os.X_OK):
         raise PermissionError(errno.EACCES, "directory is not writable", str(directory))
     if target.exists() and not os.access(target, os.W_OK) and os.geteuid() != 0:
