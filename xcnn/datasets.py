@@ -190,6 +190,8 @@ def _read_idx_stream(fh: BinaryIO, name: str, ndim: int | None, max_bytes: int) 
     # Python ints: a hostile header cannot overflow this product.
     expected = math.prod(shape) * dtype.itemsize
     size = "x".join(map(str, shape))
+    if math.prod(d for d in shape if d) * dtype.itemsize >= 2**62:
+        raise DataError(f"{name}: header declares dimensions {size}, too large for any array")
     if expected > max_bytes:
         raise DataError(
             f"{name}: truncated: header says {size} = {expected} bytes of data, "

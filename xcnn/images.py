@@ -69,11 +69,17 @@ def _check_npy_size(path: str) -> None:
     """Refuse a .npy whose header declares more data than the file holds, before np.load
     allocates it (a 100-byte file may declare terabytes)."""
     with open(path, "rb") as fh:
-        version = np.lib.format.read_magic(fh)
-        if version == (1, 0):
-            shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
-        else:
-            shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+        try:
+            version = np.lib.format.read_magic(fh)
+            read = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, _, dtype = read(fh)
+        # numpy parses the header as a Python literal: tokenize and syntax errors too.
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"bad .npy header: {type(e).__name__}: {e}") from None
         declared = math.prod(shape) * dtype.itemsize
         available = os.fstat(fh.fileno()).st_size - fh.tell()
     if dtype.hasobject or declared != available:
