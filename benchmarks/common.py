@@ -533,5 +533,5 @@ def _blas() -> str:
     try:
         cfg = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
         return f"{cfg.get('name')} {cfg.get('version')} ({cfg.get('openblas configuration', '')})"
-    except Exception as e:  # older numpy without mode="dicts"
+    except KeyError as e:  # a build that does not report its BLAS
         return f"unknown ({e})"

@@ -20,7 +20,6 @@ Loops run over batches, never over samples.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
 from collections.abc import Callable
@@ -61,14 +60,12 @@ def _on_model_device(func: Callable[..., Any]) -> Callable[..., Any]:
 
     CuPy launches kernels on the *current* GPU, so the scaling, slicing and
     sums here must run where the model's arrays live (e.g. GPU 1), as
-    ``Sequential.forward``/``backward`` do. (``getattr``: a backend without
-    ``activate`` needs nothing.)
+    ``Sequential.forward``/``backward`` do.
     """
 
     @functools.wraps(func)
     def wrapper(model: Sequential, *args: Any, **kwargs: Any) -> Any:
-        activate = getattr(model.backend, "activate", None)
-        with activate() if activate is not None else contextlib.nullcontext():
+        with model.backend.activate():
             return func(model, *args, **kwargs)
 
     return wrapper
