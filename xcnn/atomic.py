@@ -148,8 +148,9 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)  # Ours from an earlier, interrupted write in this same process.
-    fd = os.open(tmp, flags, 0o600)
     try:
+        # Opened inside the try: an interrupt right after the open still removes the file.
+        fd = os.open(tmp, flags, 0o600)
         with os.fdopen(fd, "wb") as fh:
             yield fh
             fh.flush()

@@ -343,15 +343,16 @@ def _load(
     if isinstance(mirrors, str):  # A lone URL would otherwise be iterated character by character.
         mirrors = [mirrors]
     checksums = default_md5 if checksums is None else checksums
+    unverified = [f + ".gz" for f in FILES if not checksums.get(f + ".gz")]
+    if unverified:
+        # The cache is trusted on later runs, so nothing unverified goes in.
+        raise ValueError(
+            f"no MD5 checksum for {', '.join(unverified)}: files are cached only when "
+            "verified (give checksums=, or root= a directory holding the files)"
+        )
     paths = []
     for filename in (f + ".gz" for f in FILES):
-        dest, md5 = cache / filename, checksums.get(filename)
-        if not md5:
-            # The cache is trusted on later runs, so nothing unverified goes in.
-            raise ValueError(
-                f"no MD5 checksum for {filename}: files are cached only when verified "
-                "(give checksums=, or root= a directory holding the files)"
-            )
+        dest, md5 = cache / filename, checksums[filename]
         ok = dest.is_file() and _md5(dest) == md5
         if not ok and not download:
             hint = "pass download=True, or root= a directory holding the files"
