@@ -132,12 +132,12 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
 
     Examples
     --------
-    >>> import tempfile, os
+    >>> import tempfile, pathlib
     >>> from xcnn.atomic import atomic_write
-    >>> path = os.path.join(tempfile.mkdtemp(), "hello.txt")
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "hello.txt"
     >>> with atomic_write(path) as fh:
     ...     _ = fh.write(b"hi")
-    >>> open(path, "rb").read()
+    >>> path.read_bytes()
     b'hi'
     """
     target = resolve_target(path)
