@@ -538,7 +538,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _sobel(args: argparse.Namespace) -> int:
-    check_writable(args.out) if Path(args.out).parent.is_dir() else None
+    if Path(args.out).parent.is_dir():  # (a missing folder is created by the figure's save)
+        check_writable(args.out)
     if args.image is not None:
         image = read_image(args.image)
         if image.dtype.kind == "f":

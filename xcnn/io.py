@@ -338,12 +338,20 @@ def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
     Only drawn initialisers are probed; a ``"zeros"`` bias is created for real, which
     is small beside its layer's weight (and that weight's shape is known by then).
+    Containers (a layer with ``layers``/``shortcut`` lists) are probed recursively,
+    keyed ``"<i>.layers.<j>.<name>"`` as ``model.named_params()`` keys them.
     """
     shapes: dict[str, tuple[int, ...]] = {}
-    for i, cfg in enumerate(config["layers"]):
-        layer = layer_from_config(cfg)
+
+    def probe(layer: Any, prefix: str) -> None:
         for name, value in layer.init_params(_ShapeProbe()).items():
-            shapes[f"{i}.{name}"] = tuple(int(d) for d in value.shape)
+            shapes[prefix + name] = tuple(int(d) for d in value.shape)
+        for attr in ("layers", "shortcut"):
+            for j, child in enumerate(getattr(layer, attr, None) or ()):
+                probe(child, f"{prefix}{attr}.{j}.")
+
+    for i, cfg in enumerate(config["layers"]):
+        probe(layer_from_config(cfg), f"{i}.")
     return shapes
 
 
