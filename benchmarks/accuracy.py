@@ -89,7 +89,7 @@ def environment(backend: str) -> dict[str, Any]:
     try:
         blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
         blas = f"{blas.get('name')} {blas.get('version', '')}".strip()
-    except Exception:  # older NumPy: no dict mode
+    except KeyError:  # a build that does not report its BLAS
         blas = "unknown"
     threads = {
         k: os.environ[k]

@@ -33,37 +33,9 @@ EPOCH_IMAGES = 60_000  # MNIST training set, for the epoch-time estimate
 
 
 # ----------------------------------------------------------------------------- models
-def _fallback_layers(name: str) -> list[xcnn.Layer]:
-    """The named nets, for checkouts that predate ``xcnn.models``."""
-    if name == "seed":
-        return [
-            xcnn.Conv2D(1, 8, 3, bias=False),
-            xcnn.MaxPool2D(2),
-            xcnn.Flatten(),
-            xcnn.Dense(1352, 10),
-        ]
-    if name == "lenet":
-        return [
-            xcnn.Conv2D(1, 32, 3),
-            xcnn.ReLU(),
-            xcnn.Conv2D(32, 64, 3),
-            xcnn.ReLU(),
-            xcnn.MaxPool2D(2),
-            xcnn.Flatten(),
-            xcnn.Dense(9216, 128),
-            xcnn.ReLU(),
-            xcnn.Dense(128, 10),
-        ]
-    raise ValueError(f"unknown net {name!r}; expected one of {NETS}")
-
-
 def build_xcnn(name: str, backend: str, *, seed: int = 0) -> xcnn.Sequential:
-    """A named net in float32 on ``backend`` (``xcnn.models.build_model`` when present)."""
-    try:
-        from xcnn.models import build_model
-    except ImportError:
-        return xcnn.Sequential(_fallback_layers(name), backend=backend, dtype="float32", seed=seed)
-    return build_model(name, backend=backend, dtype="float32", seed=seed)
+    """A named net (:func:`xcnn.models.build_model`) in float32 on ``backend``."""
+    return xcnn.models.build_model(name, backend=backend, dtype="float32", seed=seed)
 
 
 def torch_params(model: xcnn.Sequential) -> list[dict[str, np.ndarray]]:
@@ -561,5 +533,5 @@ def _blas() -> str:
     try:
         cfg = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
         return f"{cfg.get('name')} {cfg.get('version')} ({cfg.get('openblas configuration', '')})"
-    except Exception as e:  # older numpy without mode="dicts"
+    except KeyError as e:  # a build that does not report its BLAS
         return f"unknown ({e})"

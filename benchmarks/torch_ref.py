@@ -50,25 +50,35 @@ _MISSING_TORCH = "PyTorch is optional for benchmarks: pip install torch==2.13.0"
 # Layer specs, one per xcnn layer:
 #   ("conv", in_channels, out_channels, kernel)  ("dense", in_features, out_features)
 #   ("relu",)  ("pool", size)  ("flatten",)
-ARCHITECTURES: dict[str, tuple[tuple[Any, ...], ...]] = {
-    "seed": (
-        ("conv", 1, 8, 3),  # (N, 1, 28, 28) -> (N, 8, 26, 26)
-        ("pool", 2),  # -> (N, 8, 13, 13)
-        ("flatten",),  # -> (N, 1352)
-        ("dense", 1352, 10),  # -> (N, 10)
-    ),
-    "lenet": (
-        ("conv", 1, 32, 3),  # (N, 1, 28, 28) -> (N, 32, 26, 26)
-        ("relu",),
-        ("conv", 32, 64, 3),  # -> (N, 64, 24, 24)
-        ("relu",),
-        ("pool", 2),  # -> (N, 64, 12, 12)
-        ("flatten",),  # -> (N, 9216)
-        ("dense", 9216, 128),  # -> (N, 128)
-        ("relu",),
-        ("dense", 128, 10),  # -> (N, 10)
-    ),
-}
+# derived from xcnn.models, the one definition of the named nets.
+
+
+def _spec(layer: Any) -> tuple[Any, ...] | None:
+    """The torch twin's spec of one xcnn layer, or None if the twin has no such layer."""
+    kind = type(layer).__name__
+    if kind == "Conv2D" and layer.stride == 1 and layer.padding == "valid":
+        kh, kw = layer.kernel_size
+        return ("conv", layer.in_channels, layer.out_channels, kh) if kh == kw else None
+    if kind == "Dense":
+        return ("dense", layer.in_features, layer.out_features)
+    if kind == "MaxPool2D" and layer.stride == layer.kernel_size:
+        return ("pool", layer.kernel_size)
+    return {"ReLU": ("relu",), "Flatten": ("flatten",)}.get(kind)
+
+
+def _architectures() -> dict[str, tuple[tuple[Any, ...], ...]]:
+    from xcnn.models import MODELS
+
+    out = {}
+    for name, layers in MODELS.items():
+        specs = tuple(_spec(layer) for layer in layers())
+        if all(s is not None for s in specs):
+            out[name] = specs
+    return out
+
+
+#: The named nets of :mod:`xcnn.models` that the torch twin can mirror.
+ARCHITECTURES: dict[str, tuple[tuple[Any, ...], ...]] = _architectures()
 
 Params = list[dict[str, np.ndarray]]
 

@@ -238,6 +238,10 @@ def test_help(capsys, command):
         (["train", "--model", "resnet"], ["invalid choice: 'resnet'"]),
         (["sobel", "--out", "x.png"], ["one of the arguments IMAGE --digit is required"]),
         (["sobel", "--digit", "12", "--out", "x.png"], ["--digit"]),
+        (["train", "--lr-decay", "2"], ["--lr-decay", "at most 1"]),
+        (["train", "--lr", "inf"], ["--lr", "must be > 0"]),
+        (["train", "--lr", "1e308"], ["--lr", "at most"]),
+        (["train", "--lr", "nan"], ["--lr"]),
     ],
 )
 def test_usage_errors(capsys, argv, fragments):
@@ -264,7 +268,6 @@ def test_user_errors(capsys, tmp_path, trained, sample):
         (["train", "--train-size", "9000"], ["--train-size 9000 is more than the 8000"]),
         (["train", "--resume", tmp_path / "none.npz"], ["none.npz", "No such file"]),
         (["train", "--resume", trained, "--model", "lenet"], ["--model cannot be combined"]),
-        (["train", *SMALL, "--epochs", "1", "--lr-decay", "2"], ["lr_decay"]),
         (["train", "--device", "3"], ["numpy", "CPU only"]),
         (["train", "--save", tmp_path / "no" / "x.npz"], ["No such directory", "no"]),
         (["evaluate", corrupt], [str(corrupt), "not a readable"]),

@@ -16,6 +16,9 @@ How a page is tested (README.md and docs/*.md, one test per page):
   pyproject.toml.
 - A block is skipped only when the line before it says why:
   ``<!-- test: skip (full MNIST, minutes) -->``.
+- A block marked ``<!-- test: gpu -->`` needs CuPy and a CUDA device: it runs (in
+  its own test, ``test_gpu_blocks_run``) where CuPy answers, and is skipped, with
+  CuPy's reason, where it does not (a failure with ``XCNN_REQUIRE_CUPY=1``).
 - Commands that would run pytest itself must be marked skip (and a guard
   variable keeps a docs test from ever running inside a command it started).
 - Other blocks (```` ```text ````, no language) are not code.
@@ -55,6 +58,8 @@ FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 _MARKER = re.compile(r"<!--\s*test:(.*?)-->")
 _SKIP = re.compile(r"\s*skip\s*\((.*)\)\s*")
+_GPU = re.compile(r"\s*gpu\s*")
+GPU_REASON = "gpu"  # Block.skip of a gpu block: not run by the CPU test
 _FENCE = re.compile(r"^(`{3,})\s*([\w+-]*)\s*$")
 
 
@@ -86,8 +91,9 @@ def blocks(page: str, text: str | None = None) -> list[Block]:
         if m_marker:
             assert marker is None, f"{page}:{i + 1}: two test markers in a row"
             m_skip = _SKIP.fullmatch(m_marker.group(1))
-            assert m_skip, f"{page}:{i + 1}: unknown test marker {line.strip()!r}"
-            reason = m_skip.group(1).strip()
+            gpu = _GPU.fullmatch(m_marker.group(1))
+            assert m_skip or gpu, f"{page}:{i + 1}: unknown test marker {line.strip()!r}"
+            reason = GPU_REASON if gpu else m_skip.group(1).strip()
             assert reason, f"{page}:{i + 1}: a skip needs a reason: <!-- test: skip (why) -->"
             marker = (i + 1, reason)
         elif m_fence:
@@ -273,6 +279,37 @@ def test_page_code_blocks_run(page, tmp_path, monkeypatch):
             for cmd, _ in commands(block.code) if block.lang in SHELL else []:
                 if re.match(r"(python -m )?pip3? install\b", cmd):
                     check_install(cmd, f"{page}:{block.line}")
+            continue
+        if block.lang in PYTHON:
+            run_python(block, ns)
+        elif block.lang in SHELL:
+            run_shell(block, tmp_path)
+
+
+def _gpu_pages() -> list[str]:
+    return [
+        p for p in PAGES if (ROOT / p).exists() and any(b.skip == GPU_REASON for b in blocks(p))
+    ]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page", _gpu_pages())
+def test_gpu_blocks_run(page, tmp_path, monkeypatch):
+    """The CuPy examples, where CuPy answers: a GPU run checks them like the rest."""
+    try:
+        xcnn.resolve_backend("cupy")
+    except xcnn.BackendError as e:
+        if os.environ.get("XCNN_REQUIRE_CUPY", "") not in ("", "0"):
+            raise
+        pytest.skip(f"CuPy unavailable: {e}")
+    if os.environ.get(RECURSION_GUARD):
+        pytest.skip("inside a command run by the docs test")
+    (tmp_path / "docs").symlink_to(DOCS, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    ns: dict = {"__name__": f"docs:{page}:gpu"}
+    for block in blocks(page):
+        if block.skip != GPU_REASON:
             continue
         if block.lang in PYTHON:
             run_python(block, ns)

@@ -82,7 +82,9 @@ def test_numpy_to_strict_to_numpy_predicts_the_same(tmp_path, data):
 def test_load_on_every_backend(backend, checkpoint, data):
     expected = predict(load(checkpoint), data[2])
     model = load(checkpoint, backend=backend.spec, device=backend.device)
-    np.testing.assert_allclose(predict(model, data[2]), expected, rtol=1e-5, atol=1e-6)
+    # Probabilities: a few hundred float32 ulps of rounding through the net and softmax.
+    tol = 512 * float(np.finfo(np.dtype(model.dtype)).eps)
+    np.testing.assert_allclose(predict(model, data[2]), expected, rtol=0, atol=tol)
 
 
 def test_checkpoint_restores_optimizer_epoch_rng_and_extra(checkpoint, data):
@@ -259,7 +261,7 @@ def test_missing_file(tmp_path):
 
 
 def _leftovers(directory):
-    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
+    return sorted(p.name for p in directory.iterdir() if ".xcnn-tmp-" in p.name)
 
 
 @pytest.mark.parametrize("failure", [OSError("disk full"), KeyboardInterrupt()])

@@ -4,7 +4,13 @@ A thin layer over :mod:`xcnn.training`, :mod:`xcnn.io`, :mod:`xcnn.models`
 and :mod:`xcnn.datasets`. User errors (a missing file, a bad option value, an
 unknown backend, CuPy absent, bad data, a corrupt checkpoint) print one line,
 ``xcnn: error: ...``, to stderr and exit with status 1 (2 for a malformed
-command line); set ``XCNN_DEBUG=1`` to see the traceback instead.
+command line); set ``XCNN_DEBUG=1`` to see the traceback instead. SIGTERM and
+SIGHUP stop a run as Ctrl-C does (temp files removed, the last checkpoint kept);
+a closed stdout (``xcnn train | head -3``) silences the output but not the run.
+
+Each command is one function (``_train``, ``_evaluate``, ...) with its own
+parser builder (``_train_parser``, ...); the work is in :mod:`xcnn.runs`,
+:mod:`xcnn.images` and the modules they use.
 
 Examples
 --------
@@ -16,22 +22,26 @@ Examples
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
+import math
 import os
+import signal
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from . import datasets, io
+from . import datasets, io, runs
+from .atomic import check_writable
 from .backend import BackendError
-from .models import MODELS, RECIPES, Recipe, build_model
-from .optim import OPTIMIZERS, make_optimizer
+from .images import intensities, read_image
+from .models import MODELS, RECIPES
+from .optim import MAX_LR, OPTIMIZERS
 from .training import SCALES, evaluate, fit, predict, scale_images
 
 __all__ = ["main", "build_parser"]
@@ -78,14 +88,19 @@ def _count(minimum: int):
     return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+def _number(low: float, high: float):
+    """A finite float in ``(low, high]``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (math.isfinite(value) and low < value <= high):
+            raise argparse.ArgumentTypeError(f"must be > {low:g} and at most {high:g}, got {text}")
+        return value
+
+    return parse
 
 
 def _device(text: str | None) -> Any:
@@ -129,12 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train and use small CNNs written from scratch against the array API.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_train_parser, _evaluate_parser, _predict_parser, _sobel_parser):
+        add(sub)
+    return parser
+
+
+def _train_parser(sub: Any) -> None:
     recipes = "; ".join(
         f"{name}: {r.optimizer} lr {r.lr} (x{r.lr_decay} per epoch), batch {r.batch_size}, "
         f"{r.epochs} epochs"
         for name, r in RECIPES.items()
     )
-
     t = sub.add_parser(
         "train",
         help="train a model and report its test accuracy",
@@ -154,10 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="epochs to run (with --resume: this many more; default: the recipe's)",
     )
     t.add_argument("--batch-size", type=_count(1), help="images per step (default: the recipe's)")
-    t.add_argument("--lr", type=_positive_float, help="learning rate (default: the recipe's)")
+    t.add_argument("--lr", type=_number(0, MAX_LR), help="learning rate (default: the recipe's)")
     t.add_argument(
         "--lr-decay",
-        type=_positive_float,
+        type=_number(0, 1),
         metavar="F",
         help="multiply the learning rate by F after every epoch (default: the recipe's)",
     )
@@ -188,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.set_defaults(func=_train)
 
+
+def _evaluate_parser(sub: Any) -> None:
     e = sub.add_parser(
         "evaluate",
         help="test accuracy, loss and confusion matrix of a checkpoint",
@@ -200,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the metrics as JSON (last line)")
     e.set_defaults(func=_evaluate)
 
+
+def _predict_parser(sub: Any) -> None:
     p = sub.add_parser(
         "predict",
         help="classify 28x28 images (PNG or .npy)",
@@ -214,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the predictions as JSON (last line)")
     p.set_defaults(func=_predict)
 
+
+def _sobel_parser(sub: Any) -> None:
     s = sub.add_parser(
         "sobel",
         help="figure of an image and its Sobel edge filters",
@@ -231,20 +257,73 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--out", required=True, metavar="FILE", help="figure to write (e.g. sobel.png)")
     s.set_defaults(func=_sobel)
-    return parser
+
+
+# -- running a command --------------------------------------------------------------
+
+
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, like Ctrl-C's KeyboardInterrupt."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    raise _Stopped(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[None]:
+    """SIGTERM/SIGHUP -> the same clean stop as SIGINT, while a command runs."""
+    names = [n for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    try:
+        old = {n: signal.signal(getattr(signal, n), _raise_stopped) for n in names}
+    except ValueError:  # Not the main thread (main() called from a thread): leave them.
+        old = {}
+    try:
+        yield
+    finally:
+        for n, handler in old.items():
+            signal.signal(getattr(signal, n), handler)
+
+
+class _Out:
+    """stdout that survives its reader going away: ``xcnn train | head -3`` keeps training."""
+
+    closed = False
+
+    @classmethod
+    def say(cls, *args: Any, **kwargs: Any) -> None:
+        if cls.closed:
+            return
+        try:
+            print(*args, **kwargs, flush=True)
+        except BrokenPipeError:
+            cls.closed = True
+            # Point fd 1 at /dev/null so that no later write (or the flush at exit) fails.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``xcnn`` command line; return the exit status (0 on success)."""
     parser = build_parser()
+    _Out.closed = False
     try:
         args = parser.parse_args(argv)
-        return int(args.func(args) or 0)
+        with _stop_signals():
+            return int(args.func(args) or 0)
     except _Exit as e:
         return e.status
     except _UsageError as e:
         _error(str(e))
         return 2
+    except _Stopped as e:
+        _error(f"interrupted ({signal.Signals(e.signum).name})")
+        return 128 + e.signum
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
@@ -269,194 +348,116 @@ def _message(e: BaseException) -> str:
 
 
 def _emit_json(obj: dict[str, Any]) -> None:
-    print(json.dumps(obj, sort_keys=True))
+    _Out.say(json.dumps(obj, sort_keys=True))
 
 
-# -- data -----------------------------------------------------------------------
-
-
-def _load_data(name: str, progress: bool) -> datasets.Splits:
-    """``datasets.load``; ``progress`` is for downloads (the embedded sample takes no options)."""
-    return datasets.load(name) if name == "sample" else datasets.load(name, progress=progress)
-
-
-def _first(x: np.ndarray, n: int | None, option: str, what: str) -> np.ndarray:
-    """The first ``n`` items (all when None); more than there are is an error."""
-    if n is None:
-        return x
-    if n > len(x):
-        raise ValueError(f"{option} {n} is more than the {len(x)} {what}")
-    return x[:n]
+def _check_plots_dir(path: str) -> None:
+    """Fail now if ``--plots`` names a file, or a folder that cannot be created or written."""
+    p = Path(path) if path else None
+    if p is None:
+        raise FileNotFoundError(2, "empty path", "--plots ''")
+    if p.exists() and not p.is_dir():
+        raise NotADirectoryError(20, "--plots names a file, not a directory", path)
+    existing = p
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(20, "not a directory", str(existing))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(13, "directory is not writable", str(existing))
 
 
 # -- train ------------------------------------------------------------------------
 
 
-@dataclass
-class _Start:
-    """Where a training run starts: fresh (from a recipe) or from a checkpoint."""
-
-    name: str
-    model: Any
-    optimizer: Any
-    opt_name: str
-    rng: np.random.Generator
-    seed: int
-    recipe: Recipe
-    start_epoch: int = 0
-    previous: dict[str, Any] = field(default_factory=dict)  # settings of the resumed run
-    history: dict[str, list[Any]] = field(default_factory=dict)  # history so far
-
-
-def _recipe(name: str, opt_name: str) -> Recipe:
-    """The model's recipe; another optimizer than the recipe's gets lr 0.01, no decay."""
-    recipe = RECIPES.get(name, RECIPES["seed"])
-    if opt_name != recipe.optimizer:
-        recipe = recipe._replace(optimizer=opt_name, lr=0.01, lr_decay=1.0)
-    return recipe
-
-
-def _fresh_start(args: argparse.Namespace) -> _Start:
-    name = args.model or "seed"
-    seed = 0 if args.seed is None else args.seed
-    opt_name = args.optimizer or RECIPES[name].optimizer
-    recipe = _recipe(name, opt_name)
-    model = build_model(name, backend=args.backend, device=_device(args.device), seed=seed)
-    optimizer = make_optimizer(opt_name, model, recipe.lr if args.lr is None else args.lr)
-    return _Start(name, model, optimizer, opt_name, np.random.default_rng(seed), seed, recipe)
-
-
-def _resumed_start(args: argparse.Namespace) -> _Start:
-    given = [o for o, v in (("--model", args.model), ("--optimizer", args.optimizer),
-                            ("--seed", args.seed)) if v is not None]  # fmt: skip
-    if given:
-        raise ValueError(
-            f"{', '.join(given)} cannot be combined with --resume: the checkpoint holds them"
-        )
-    ck = io.load_checkpoint(args.resume, backend=args.backend, device=_device(args.device))
-    if ck.optimizer is None:
-        raise ValueError(f"{args.resume}: the checkpoint has no optimizer state to resume from")
-    previous = dict(ck.extra.get("train", {}))
-    name = previous.get("model", "model")
-    opt_name = previous.get("optimizer", type(ck.optimizer).__name__.lower())
-    seed = int(previous.get("seed", 0))
-    if args.lr is not None:
-        ck.optimizer.lr = args.lr
-    return _Start(
-        name,
-        ck.model,
-        ck.optimizer,
-        opt_name,
-        ck.rng() or np.random.default_rng(seed),
-        seed,
-        _recipe(name, opt_name),
-        int(ck.epoch or 0),
-        previous,
-        {k: list(v) for k, v in ck.extra.get("history", {}).items()},
-    )
-
-
 def _train(args: argparse.Namespace) -> int:
-    if args.save and not Path(args.save).resolve().parent.is_dir():
-        # Fail now, not after the first epoch's work.
-        raise FileNotFoundError(2, "No such directory", str(Path(args.save).parent))
-    start = _resumed_start(args) if args.resume else _fresh_start(args)
-    model, optimizer, recipe, history = start.model, start.optimizer, start.recipe, start.history
-
-    def setting(key: str, given: Any, default: Any) -> Any:
-        # Explicit option > the resumed run's setting > the recipe.
-        return given if given is not None else start.previous.get(key, default)
-
-    data = setting("data", args.data, "sample")
-    train_size = setting("train_size", args.train_size, None)
-    test_size = setting("test_size", args.test_size, None)
-    batch_size = setting("batch_size", args.batch_size, recipe.batch_size)
-    scale = setting("scale", args.scale, recipe.scale)
-    lr_decay = setting("lr_decay", args.lr_decay, recipe.lr_decay)
-    epochs = args.epochs if args.epochs is not None else recipe.epochs
-
+    # Everything that can be checked is checked before any training.
+    if args.save is not None:
+        check_writable(args.save)
+    if args.plots is not None:
+        _check_plots_dir(args.plots)
+    ck = None
+    if args.resume:
+        ck = io.load_checkpoint(args.resume, backend=args.backend, device=_device(args.device))
+    try:
+        settings = runs.resolve_settings(vars(args), ck)
+    except ValueError as e:
+        raise ValueError(f"{args.resume}: {e}" if ck is not None else str(e)) from None
+    run = runs.start_run(
+        settings, backend=args.backend, device=_device(args.device), checkpoint=ck, new_lr=args.lr
+    )
+    model, optimizer, s = run.model, run.optimizer, settings
     progress = not args.no_progress and sys.stderr.isatty()
-    splits = _load_data(data, progress)
-    x_train = _first(splits.x_train, train_size, "--train-size", f"training images of {data}")
-    y_train = splits.y_train[: len(x_train)]
-    x_test = _first(splits.x_test, test_size, "--test-size", f"test images of {data}")
-    y_test = splits.y_test[: len(x_test)]
-
-    settings = {
-        "model": start.name, "data": data, "train_size": train_size, "test_size": test_size,
-        "batch_size": batch_size, "optimizer": start.opt_name, "lr": optimizer.lr,
-        "lr_decay": lr_decay, "scale": scale, "seed": start.seed, "backend": model.backend.name,
-    }  # fmt: skip
-    decay = f" (x{lr_decay:g} per epoch)" if lr_decay != 1 else ""
-    resumed = f" from epoch {start.start_epoch}" if start.start_epoch else ""
-    print(
-        f"training {start.name} ({model.num_params():,} parameters) on {data}: "
-        f"{len(x_train)} train / {len(x_test)} test images; {start.opt_name} lr "
-        f"{optimizer.lr:g}{decay}, batch {batch_size}, {epochs} epoch{'s' * (epochs != 1)}"
-        f"{resumed}, {model.backend.name} backend",
-        flush=True,
+    x_train, y_train, x_test, y_test = runs.load_splits(
+        s.data, s.train_size, s.test_size, progress=progress
+    )
+    decay = f" (x{s.lr_decay:g} per epoch)" if s.lr_decay != 1 else ""
+    resumed = f" from epoch {run.start_epoch}" if run.start_epoch else ""
+    _Out.say(
+        f"training {s.model} ({model.num_params():,} parameters) on {s.data}: "
+        f"{len(x_train)} train / {len(x_test)} test images; {s.optimizer} lr "
+        f"{optimizer.lr:g}{decay}, batch {s.batch_size}, {s.epochs} epoch{'s' * (s.epochs != 1)}"
+        f"{resumed}, {model.backend.name} backend"
     )
 
     def on_epoch(epoch: int, logs: dict[str, float]) -> None:
-        for key, value in logs.items():
-            history.setdefault(key, []).append(value)
+        run.record_epoch(logs)
         rate = len(x_train) / logs["seconds"] if logs["seconds"] > 0 else float("inf")
-        print(
+        _Out.say(
             f"epoch {epoch}: train loss {logs['train_loss']:.4f} acc {logs['train_accuracy']:.2%}"
             f" | test loss {logs['val_loss']:.4f} acc {logs['val_accuracy']:.2%}"
-            f" | {logs['seconds']:.1f} s, {rate:,.0f} img/s",
-            flush=True,
+            f" | {logs['seconds']:.1f} s, {rate:,.0f} img/s"
         )
         if args.save:
-            extra = {"scale": scale, "train": settings, "history": history}
-            io.save(model, args.save, optimizer, epoch=epoch, rng=start.rng, extra=extra)
+            run.save(args.save, epoch)
 
-    run = fit(
+    history = fit(
         model,
         optimizer,
         x_train,
         y_train,
-        epochs=epochs,
-        batch_size=batch_size,
+        epochs=s.epochs,
+        batch_size=s.batch_size,
         validation_data=(x_test, y_test),
-        scale=scale,
-        lr_decay=lr_decay,
-        rng=start.rng,
-        start_epoch=start.start_epoch,
+        scale=s.scale,
+        lr_decay=s.lr_decay,
+        rng=run.rng,
+        start_epoch=run.start_epoch,
         progress=progress,
         callback=on_epoch,
     )
-    result = evaluate(model, x_test, y_test, scale=scale)
-    seconds = float(sum(run["seconds"]))
-    print(
+    result = evaluate(model, x_test, y_test, scale=s.scale)
+    seconds = float(sum(history["seconds"]))
+    _Out.say(
         f"test accuracy: {result['accuracy']:.2%} (loss {result['loss']:.4f}, {len(x_test)} images)"
     )
     if args.save:
-        print(f"saved checkpoint to {args.save}")
+        _Out.say(f"saved checkpoint to {args.save}")
     if args.plots:
         plots = importlib.import_module("xcnn.plots")
         written = plots.training_plots(
             args.plots,
-            history=history,
+            history=run.history,
             model=model,
             confusion=result["confusion"],
             image=np.asarray(x_test[0, 0]),
         )
         for path in written:
-            print(f"wrote {path}")
+            _Out.say(f"wrote {path}")
     if args.json:
         _emit_json(
             {
-                **settings,
+                **s.record(),
+                "backend": model.backend.name,
                 "train_images": len(x_train),
                 "test_images": len(x_test),
-                "epochs": start.start_epoch + epochs,
-                "train_loss": run["train_loss"][-1],
-                "train_accuracy": run["train_accuracy"][-1],
+                "epochs": run.start_epoch + s.epochs,
+                "train_loss": history["train_loss"][-1],
+                "train_accuracy": history["train_accuracy"][-1],
                 "test_loss": result["loss"],
                 "test_accuracy": result["accuracy"],
                 "seconds": seconds,
-                "images_per_second": len(x_train) * epochs / seconds if seconds > 0 else None,
+                "images_per_second": len(x_train) * s.epochs / seconds if seconds > 0 else None,
                 "checkpoint": args.save,
             }
         )
@@ -468,20 +469,20 @@ def _train(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     ck = io.load_checkpoint(args.checkpoint, backend=args.backend, device=_device(args.device))
-    trained = ck.extra.get("train", {})
+    trained = ck.extra.get("train")
+    trained = trained if isinstance(trained, dict) else {}
     data = args.data or trained.get("data", "sample")
-    splits = _load_data(data, sys.stderr.isatty())
-    x = _first(splits.x_test, args.test_size, "--test-size", f"test images of {data}")
-    y = splits.y_test[: len(x)]
-    scale = ck.extra.get("scale", "centered")
+    _, _, x, y = runs.load_splits(data, 1, args.test_size, progress=sys.stderr.isatty())
     start = time.perf_counter()
-    result = evaluate(ck.model, x, y, batch_size=args.batch_size, scale=scale)
+    result = evaluate(ck.model, x, y, batch_size=args.batch_size)  # scaled as model.scale says
     seconds = time.perf_counter() - start
     name = trained.get("model", "model")
-    print(f"{args.checkpoint}: {name}, epoch {ck.epoch}, on {data} ({len(x)} test images)")
-    print(f"test accuracy: {result['accuracy']:.2%}, loss {result['loss']:.4f} ({seconds:.1f} s)")
-    print("confusion matrix (rows: true class, columns: predicted):")
-    print(_format_confusion(result["confusion"]))
+    _Out.say(f"{args.checkpoint}: {name}, epoch {ck.epoch}, on {data} ({len(x)} test images)")
+    _Out.say(
+        f"test accuracy: {result['accuracy']:.2%}, loss {result['loss']:.4f} ({seconds:.1f} s)"
+    )
+    _Out.say("confusion matrix (rows: true class, columns: predicted):")
+    _Out.say(_format_confusion(result["confusion"]))
     if args.json:
         _emit_json(
             {
@@ -505,72 +506,30 @@ def _format_confusion(confusion: np.ndarray) -> str:
     return "\n".join(lines)
 
 
-# -- images ----------------------------------------------------------------------------
-
-
-def _read_image(path: str) -> np.ndarray:
-    """A 2-D grayscale image from a PNG (or any format Pillow reads) or a .npy file.
-
-    Returns uint8 0..255 (integers) or float 0..1 (floats), singleton axes removed.
-    """
-    if Path(path).suffix.lower() == ".npy":
-        if not Path(path).is_file():
-            raise FileNotFoundError(2, "No such file or directory", path)
-        try:
-            image = np.load(path, allow_pickle=False)
-        except (ValueError, EOFError) as e:
-            raise ValueError(f"{path}: not a readable .npy array ({e})") from None
-    else:
-        try:
-            from PIL import Image
-        except ImportError:
-            raise ImportError(
-                f"{path}: reading PNG images needs Pillow: pip install 'xcnn[png]' "
-                "(or save the image as a .npy array)"
-            ) from None
-        with Image.open(path) as img:  # a missing file or unknown format is an OSError
-            image = np.asarray(img.convert("L"))
-    image = np.squeeze(image)
-    if image.ndim != 2:
-        raise ValueError(f"{path}: expected a 2-D grayscale image, got shape {image.shape}")
-    if image.dtype.kind == "f":
-        if image.size and not (np.isfinite(image).all() and 0 <= image.min() and image.max() <= 1):
-            raise ValueError(f"{path}: float images must hold intensities in [0, 1]")
-    elif image.dtype.kind in "iub":
-        if image.size and (image.min() < 0 or image.max() > 255):
-            raise ValueError(f"{path}: integer images must hold intensities in 0..255")
-    else:
-        raise ValueError(f"{path}: unsupported image dtype {image.dtype}")
-    return image
-
-
-def _intensities(image: np.ndarray) -> np.ndarray:
-    """Any image from :func:`_read_image` as float64 intensities 0..255."""
-    x = image.astype(np.float64)
-    return x * 255.0 if image.dtype.kind == "f" else x
+# -- predict ----------------------------------------------------------------------------
 
 
 def _predict(args: argparse.Namespace) -> int:
     ck = io.load_checkpoint(args.checkpoint, backend=args.backend, device=_device(args.device))
     images = []
     for path in args.files:
-        image = _read_image(path)
+        image = read_image(path)
         if image.shape != (28, 28):
             raise ValueError(
                 f"{path}: expected a 28x28 image, got {image.shape[0]}x{image.shape[1]}"
             )
-        images.append(_intensities(image))
+        images.append(intensities(image))
     x = np.stack(images)[:, None]  # (N, 1, 28, 28)
     if args.invert:
         x = 255.0 - x
     # Scaled here, as in training, so predict() takes the floats as given.
-    x = scale_images(x, ck.extra.get("scale", "centered"), np.dtype(ck.model.dtype))
+    x = scale_images(x, ck.model.scale, np.dtype(ck.model.dtype))
     probs = predict(ck.model, x)
     rows = []
     for path, p in zip(args.files, probs, strict=True):
         k = int(np.argmax(p))
         rows.append({"file": path, "class": k, "probability": float(p[k])})
-        print(f"{path}: {k} ({p[k]:.1%})")
+        _Out.say(f"{path}: {k} ({p[k]:.1%})")
     if args.json:
         _emit_json({"checkpoint": args.checkpoint, "predictions": rows})
     return 0
@@ -580,8 +539,10 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _sobel(args: argparse.Namespace) -> int:
+    if Path(args.out).parent.is_dir():  # (a missing folder is created by the figure's save)
+        check_writable(args.out)
     if args.image is not None:
-        image = _read_image(args.image)
+        image = read_image(args.image)
         if image.dtype.kind == "f":
             image = np.round(image * 255.0)
         image = image.astype(np.uint8)
@@ -590,5 +551,5 @@ def _sobel(args: argparse.Namespace) -> int:
         image = test.x_test[int(np.flatnonzero(test.y_test == args.digit)[0]), 0]
     plots = importlib.import_module("xcnn.plots")
     written = plots.sobel_figure(image, args.out)
-    print(f"wrote {written if written is not None else args.out}")
+    _Out.say(f"wrote {written if written is not None else args.out}")
     return 0

@@ -26,17 +26,20 @@ import hashlib
 import http.client
 import math
 import os
-import tempfile
+import stat
+import time
 import urllib.error
 import urllib.request
 import zlib
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
+
+from .atomic import atomic_write
 
 __all__ = [
     "DataError",
@@ -52,6 +55,10 @@ __all__ = [
 
 #: Seconds to wait for a mirror to answer (connect and each read).
 DOWNLOAD_TIMEOUT = 30.0
+#: Seconds one file's download may take in all, however the server trickles its bytes.
+DOWNLOAD_DEADLINE = 600.0
+#: Largest file a download may deliver (the biggest MNIST file is under 10 MB).
+MAX_DOWNLOAD_BYTES = 100 << 20
 
 # Order matters: it is the order of the fields of Splits.
 FILES = (
@@ -84,6 +91,9 @@ FASHION_MNIST_MD5 = {
     "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
 }
 
+# A deflate stream expands at most about 1032:1, which bounds what a .gz file can declare.
+_DEFLATE_MAX_RATIO = 1032
+_CHUNK = 1 << 20
 _IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -108,6 +118,11 @@ class Splits(NamedTuple):
 def read_idx(path: str | os.PathLike[str], *, ndim: int | None = None) -> np.ndarray:
     """Read an IDX file (raw, or gzip-compressed as detected by its magic bytes).
 
+    The header is read and checked first, and the data is then streamed into a buffer of
+    exactly the size it declares: a gzip file is never decompressed past what its
+    header promises, so memory is bounded by the header (which must itself fit the
+    file: a raw file's size, or a gzip file's size times deflate's largest ratio).
+
     Parameters
     ----------
     path : path-like
@@ -124,17 +139,33 @@ def read_idx(path: str | os.PathLike[str], *, ndim: int | None = None) -> np.nda
     ------
     DataError
         On a bad magic number, unknown dtype code, unexpected ``ndim``, truncated header or
-        data, trailing bytes, or a corrupt gzip stream. The message names the file.
+        data, trailing bytes, a size the file cannot hold, a corrupt gzip stream, or a path
+        that is not a regular file. The message names the file.
     """
     name = os.fspath(path)
-    with open(path, "rb") as fh:
-        data = fh.read()
-    if data[:2] == _GZIP_MAGIC:
+    st = os.stat(path)  # FileNotFoundError as is
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"{name}: not a regular file")
+    with open(path, "rb") as raw:
+        gz = raw.read(2) == _GZIP_MAGIC
+        raw.seek(0)
         try:
-            data = gzip.decompress(data)
+            if gz:
+                with gzip.GzipFile(fileobj=raw) as fh:
+                    return _read_idx_stream(fh, name, ndim, st.st_size * _DEFLATE_MAX_RATIO)
+            return _read_idx_stream(raw, name, ndim, st.st_size)
         # gzip reports corruption as BadGzipFile (an OSError), EOFError or zlib.error.
         except (OSError, EOFError, zlib.error) as exc:
             raise DataError(f"{name}: corrupt gzip stream: {exc}") from None
+
+
+def _read_exact(fh: BinaryIO, n: int) -> bytes:
+    out = fh.read(n)
+    return out if out is not None else b""
+
+
+def _read_idx_stream(fh: BinaryIO, name: str, ndim: int | None, max_bytes: int) -> np.ndarray:
+    data = _read_exact(fh, 4)
     if len(data) < 4:
         raise DataError(f"{name}: truncated header: file has {len(data)} bytes, need 4 for magic")
     if data[0] != 0 or data[1] != 0:
@@ -148,25 +179,41 @@ def read_idx(path: str | os.PathLike[str], *, ndim: int | None = None) -> np.nda
         raise DataError(f"{name}: unknown dtype code 0x{code:02X} (known: {known})")
     if ndim is not None and nd != ndim:
         raise DataError(f"{name}: expected {ndim} dimensions, header says {nd}")
-    header = 4 + 4 * nd
-    if len(data) < header:
+    dims = _read_exact(fh, 4 * nd)
+    if len(dims) < 4 * nd:
         raise DataError(
-            f"{name}: truncated header: {nd} dimensions need {header} bytes, file has {len(data)}"
+            f"{name}: truncated header: {nd} dimensions need {4 + 4 * nd} bytes, "
+            f"file has {4 + len(dims)}"
         )
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(nd))
+    shape = tuple(int.from_bytes(dims[4 * i : 4 * i + 4], "big") for i in range(nd))
     dtype = np.dtype(_IDX_DTYPES[code])
     # Python ints: a hostile header cannot overflow this product.
-    count = math.prod(shape)
-    expected, actual = count * dtype.itemsize, len(data) - header
-    if expected != actual:
-        problem = "truncated" if actual < expected else "trailing bytes"
-        dims = "x".join(map(str, shape))
+    expected = math.prod(shape) * dtype.itemsize
+    size = "x".join(map(str, shape))
+    if math.prod(d for d in shape if d) * dtype.itemsize >= 2**62:
+        raise DataError(f"{name}: header declares dimensions {size}, too large for any array")
+    if expected > max_bytes:
         raise DataError(
-            f"{name}: {problem}: header says {dims} = {expected} bytes of data, file has {actual}"
+            f"{name}: truncated: header says {size} = {expected} bytes of data, "
+            f"more than the file can hold"
         )
-    arr = np.frombuffer(data, dtype=dtype, count=count, offset=header).reshape(shape)
-    # astype copies: the result is writable and native-endian.
-    return arr.astype(dtype.newbyteorder("="))
+    buf = bytearray(expected)
+    view, got = memoryview(buf), 0
+    while got < expected:
+        n = fh.readinto(view[got : got + _CHUNK])
+        if not n:
+            break
+        got += n
+    if got < expected:
+        raise DataError(
+            f"{name}: truncated: header says {size} = {expected} bytes of data, file has {got}"
+        )
+    if _read_exact(fh, 1):
+        raise DataError(
+            f"{name}: trailing bytes: header says {size} = {expected} bytes of data, file has more"
+        )
+    arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    return arr.astype(dtype.newbyteorder("="), copy=False)
 
 
 def _read_dir(paths: Sequence[Path]) -> Splits:
@@ -178,6 +225,11 @@ def _read_dir(paths: Sequence[Path]) -> Splits:
             raise DataError(
                 f"{img_path}: expected uint8 images of 28x28, got {images.dtype} of "
                 f"{'x'.join(map(str, images.shape[1:]))}"
+            )
+        if labels.dtype.kind not in "iu":
+            raise DataError(
+                f"{lbl_path}: labels must be stored as integers, the IDX header says "
+                f"{labels.dtype} (float labels would be truncated to classes silently)"
             )
         if len(images) != len(labels):
             raise DataError(
@@ -210,43 +262,51 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fetch(url: str, dest: Path, md5: str | None, progress: bool) -> None:
-    """Stream ``url`` to a temp file beside ``dest``; move it into place only once verified."""
-    tmp = tempfile.NamedTemporaryFile(dir=dest.parent, prefix=f".{dest.name}.", delete=False)
-    try:
-        with tmp:
-            try:
-                resp = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT)
-            except urllib.error.HTTPError as exc:
-                exc.close()  # It holds the response socket.
-                raise DownloadError(f"HTTP {exc.code} {exc.reason}") from None
-            with resp:
-                length = resp.headers.get("Content-Length")
-                total = int(length) if length and length.isdigit() else None
-                h, got = hashlib.md5(), 0
-                with tqdm(
-                    total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress
-                ) as bar:
-                    while block := resp.read(1 << 16):
-                        tmp.write(block)
-                        h.update(block)
-                        got += len(block)
-                        bar.update(len(block))
+def _fetch(url: str, dest: Path, md5: str, progress: bool) -> None:
+    """Stream ``url`` to a temp file beside ``dest``; move it into place only once verified.
+
+    The whole download has :data:`DOWNLOAD_DEADLINE` seconds (each read still times out
+    after :data:`DOWNLOAD_TIMEOUT`), and may be at most :data:`MAX_DOWNLOAD_BYTES`.
+    """
+    deadline = time.monotonic() + DOWNLOAD_DEADLINE
+    with atomic_write(dest) as out:
+        try:
+            resp = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT)
+        except urllib.error.HTTPError as exc:
+            exc.close()  # It holds the response socket.
+            raise DownloadError(f"HTTP {exc.code} {exc.reason}") from None
+        with resp:
+            length = resp.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            if total is not None and total > MAX_DOWNLOAD_BYTES:
+                raise DownloadError(
+                    f"{total} bytes announced, over the {MAX_DOWNLOAD_BYTES}-byte limit"
+                )
+            h, got = hashlib.md5(), 0
+            with tqdm(
+                total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress
+            ) as bar:
+                # read1: returns what one socket read gives, so the deadline is checked
+                # between reads however slowly the bytes come.
+                while block := resp.read1(1 << 16):
+                    out.write(block)
+                    h.update(block)
+                    got += len(block)
+                    bar.update(len(block))
+                    if got > MAX_DOWNLOAD_BYTES:
+                        raise DownloadError(f"over the {MAX_DOWNLOAD_BYTES}-byte limit")
+                    if time.monotonic() > deadline:
+                        raise DownloadError(
+                            f"took over {DOWNLOAD_DEADLINE:g} s in all ({got} bytes so far)"
+                        )
         # http.client returns a short body silently when the peer closes early.
         if total is not None and got < total:
             raise DownloadError(f"short body: {got} of {total} bytes (connection dropped?)")
-        if md5 is not None and h.hexdigest() != md5:
+        if h.hexdigest() != md5:
             raise DataError(f"bad checksum: MD5 {h.hexdigest()}, expected {md5}")
-        os.replace(tmp.name, dest)
-    finally:
-        # Also runs on KeyboardInterrupt: never leave a partial file behind.
-        if os.path.exists(tmp.name):
-            os.unlink(tmp.name)
 
 
-def _download(
-    filename: str, dest: Path, mirrors: Sequence[str], md5: str | None, progress: bool
-) -> None:
+def _download(filename: str, dest: Path, mirrors: Sequence[str], md5: str, progress: bool) -> None:
     """Try each mirror in turn; raise DownloadError listing every failure if none works."""
     failures = ["  (no mirrors given)"] if not mirrors else []
     for base in mirrors:
@@ -283,10 +343,17 @@ def _load(
     if isinstance(mirrors, str):  # A lone URL would otherwise be iterated character by character.
         mirrors = [mirrors]
     checksums = default_md5 if checksums is None else checksums
+    unverified = [f + ".gz" for f in FILES if not checksums.get(f + ".gz")]
+    if unverified:
+        # The cache is trusted on later runs, so nothing unverified goes in.
+        raise ValueError(
+            f"no MD5 checksum for {', '.join(unverified)}: files are cached only when "
+            "verified (give checksums=, or root= a directory holding the files)"
+        )
     paths = []
     for filename in (f + ".gz" for f in FILES):
-        dest, md5 = cache / filename, checksums.get(filename)
-        ok = dest.is_file() and (md5 is None or _md5(dest) == md5)
+        dest, md5 = cache / filename, checksums[filename]
+        ok = dest.is_file() and _md5(dest) == md5
         if not ok and not download:
             hint = "pass download=True, or root= a directory holding the files"
             if dest.is_file():
@@ -324,8 +391,9 @@ def mnist(
     mirrors : sequence of str, optional
         Base URLs tried in order (default: :data:`MNIST_MIRRORS`).
     checksums : mapping, optional
-        ``{"train-images-idx3-ubyte.gz": md5_hex, ...}`` (default: :data:`MNIST_MD5`);
-        a file absent from the mapping (or mapped to None) is not verified.
+        ``{"train-images-idx3-ubyte.gz": md5_hex, ...}`` (default: :data:`MNIST_MD5`).
+        Every file needs one: nothing unverified is cached (a ``ValueError`` says so);
+        read unverified files with ``root=`` instead.
     progress : bool
         Show a tqdm progress bar while downloading.
 

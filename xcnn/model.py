@@ -47,6 +47,8 @@ class Sequential:
         device: Any = None,
         dtype: str = "float32",
         seed: int = 0,
+        scale: str = "centered",
+        classes: Sequence[str] | None = None,
     ) -> None:
         self.layers: list[Layer] = list(layers)
         for i, layer in enumerate(self.layers):
@@ -55,6 +57,12 @@ class Sequential:
         self.backend = resolve_backend(backend, device)
         self.dtype = dtype
         self.seed = seed
+        #: Input scaling of integer images (a name from ``xcnn.training.SCALES``), saved
+        #: with the model so ``evaluate``/``predict`` scale the way training did.
+        self.scale = scale
+        #: Class names (index -> name), or None; saved with the model.
+        self.classes = None if classes is None else [str(c) for c in classes]
+        self._out_shape: tuple[int, ...] | None = None
         self._dt = self.backend.dtype(dtype)
         rng = make_rng(seed)
         for layer in self.layers:
@@ -103,9 +111,14 @@ class Sequential:
         x (N, ...) -> logits (N, K) (or whatever the last layer gives).
         """
         self.check_input(x)
+        if x.ndim == 0 or x.shape[0] == 0:
+            raise ValueError(
+                f"Sequential: empty batch (input shape {tuple(x.shape)}): give at least one sample"
+            )
         with self.backend.activate():
             for layer in self.layers:
                 x = layer.forward(x, train=train)
+        self._out_shape = tuple(x.shape) if train else self._out_shape
         return x
 
     __call__ = forward
@@ -117,6 +130,12 @@ class Sequential:
         returns ``dL/dx`` for the model input; ``input_grad=False`` skips that
         last product (the training loop never needs it) and returns None.
         """
+        # A wrong-shaped dy would broadcast silently through the layers' arithmetic.
+        if self._out_shape is not None and tuple(dy.shape) != self._out_shape:
+            raise ValueError(
+                f"Sequential.backward: dy has shape {tuple(dy.shape)}, but the last layer "
+                f"{self.layers[-1]!r} gave an output of shape {self._out_shape}"
+            )
         with self.backend.activate():
             for i in range(len(self.layers) - 1, -1, -1):
                 dy = self.layers[i].backward(dy, need_dx=input_grad or i > 0)
@@ -183,6 +202,8 @@ class Sequential:
             "layers": [{"type": type(lay).__name__, "config": lay.config()} for lay in self.layers],
             "dtype": self.dtype,
             "seed": self.seed,
+            "scale": self.scale,
+            "classes": self.classes,
         }
 
     @classmethod
@@ -191,6 +212,7 @@ class Sequential:
     ) -> Sequential:
         """Build a fresh model (new initial weights from the seed) from :meth:`config`."""
         kwargs = {"dtype": config.get("dtype", "float32"), "seed": config.get("seed", 0)}
+        kwargs.update({k: config[k] for k in ("scale", "classes") if config.get(k) is not None})
         kwargs.update(overrides)
         layers = [layer_from_config(c) for c in config["layers"]]
         return cls(layers, backend=backend, device=device, **kwargs)

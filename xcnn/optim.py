@@ -16,16 +16,40 @@ from .updates import adam_update, momentum_update, sgd_update
 
 Array = Any
 
-__all__ = ["Optimizer", "SGD", "Adam", "make_optimizer", "OPTIMIZERS"]
+__all__ = ["Optimizer", "SGD", "Adam", "make_optimizer", "OPTIMIZERS", "OPTIMIZER_CLASSES"]
+
+#: Largest learning rate accepted: beyond it one step overflows float32 weights.
+MAX_LR = 1e6
+
+
+def _number(owner: str, name: str, value: Any, low: float, high: float, *,
+            low_open: bool = False, high_open: bool = False) -> float:  # fmt: skip
+    """``value`` as a float, if finite and within the bounds; else a ValueError naming it."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{owner}: {name} must be a number, got {value!r}") from None
+    below = v <= low if low_open else v < low
+    above = v >= high if high_open else v > high
+    if not math.isfinite(v) or below or above:
+        if low_open and not high_open:
+            rule = f"> {low:g} and at most {high:g}"
+        else:
+            rule = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{owner}: {name} must be {rule}, got {value!r}")
+    return v
 
 
 class Optimizer:
-    """Base class. Subclasses implement :meth:`update` for one parameter."""
+    """Base class. Subclasses implement :meth:`update` for one parameter.
+
+    Subclasses list the per-parameter state they keep after the first step in
+    :meth:`slot_names`, so state read from a file can be checked against it.
+    """
 
     def __init__(self, model: Sequential, lr: float) -> None:
-        if not lr > 0:
-            raise ValueError(f"{type(self).__name__}: lr must be > 0, got {lr}")
-        self.model, self.lr = model, float(lr)
+        self.model = model
+        self.lr = _number(type(self).__name__, "lr", lr, 0, MAX_LR, low_open=True)
         self.steps = 0
         self.state: dict[str, dict[str, Array]] = {}
 
@@ -57,6 +81,10 @@ class Optimizer:
     def hyperparams(self) -> dict[str, Any]:
         return {"lr": self.lr}
 
+    def slot_names(self) -> tuple[str, ...]:
+        """State kept per parameter once a step has been taken (none by default)."""
+        return ()
+
     def state_dict(self) -> dict[str, Any]:
         """Hyperparameters, step count and per-parameter state as host arrays."""
         arrays = {
@@ -77,16 +105,39 @@ class Optimizer:
             raise ValueError(
                 f"optimizer state is for {state.get('type')!r}, not {type(self).__name__}"
             )
-        for k, v in state["hyperparams"].items():
-            setattr(self, k, tuple(v) if isinstance(v, list) else v)
-        self.steps = int(state["steps"])
-        keys = {key for key, _, _ in self.model.named_params()}
-        self.state = {}
+        # Through the constructor, so the values are validated as a user's would be.
+        hyper = {k: tuple(v) if isinstance(v, list) else v for k, v in state["hyperparams"].items()}
+        checked = type(self)(self.model, **hyper)
+        steps = state["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"optimizer steps must be an integer >= 0, got {steps!r}")
+        shapes = {
+            key: tuple(layer.params[name].shape) for key, layer, name in self.model.named_params()
+        }
+        slots = checked.slot_names()
+        expected = {f"{key}.{slot}" for key in shapes for slot in slots} if steps else set()
+        given = set(state["arrays"])
+        if given != expected:
+            missing, extra = sorted(expected - given), sorted(given - expected)
+            raise ValueError(
+                f"optimizer state does not fit the model after {steps} steps: "
+                f"missing {missing[:5]}, unexpected {extra[:5]}"
+            )
+        new: dict[str, dict[str, Array]] = {}
         for full, value in state["arrays"].items():
             key, slot = full.rsplit(".", 1)
-            if key not in keys:
-                raise ValueError(f"optimizer state {full!r} names no parameter of the model")
-            self.state.setdefault(key, {})[slot] = self.model.asarray(value)
+            dtype = getattr(value, "dtype", None)
+            if dtype is None or getattr(dtype, "kind", "f") != "f":
+                raise ValueError(f"optimizer state {full!r} has dtype {dtype}, not real floating")
+            if tuple(value.shape) != shapes[key]:
+                raise ValueError(
+                    f"optimizer state {full!r} has shape {tuple(value.shape)}, "
+                    f"the parameter {shapes[key]}"
+                )
+            new.setdefault(key, {})[slot] = self.model.asarray(value)
+        for k in hyper:
+            setattr(self, k, getattr(checked, k))
+        self.steps, self.state = steps, new
 
     def to_device(self) -> None:
         """Move the state to the model's current backend (after ``model.to(...)``)."""
@@ -102,12 +153,13 @@ class SGD(Optimizer):
 
     def __init__(self, model: Sequential, lr: float = 0.01, *, momentum: float = 0.0) -> None:
         super().__init__(model, lr)
-        if not 0 <= momentum < 1:
-            raise ValueError(f"SGD: momentum must be in [0, 1), got {momentum}")
-        self.momentum = float(momentum)
+        self.momentum = _number("SGD", "momentum", momentum, 0, 1, high_open=True)
 
     def hyperparams(self) -> dict[str, Any]:
         return {"lr": self.lr, "momentum": self.momentum}
+
+    def slot_names(self) -> tuple[str, ...]:
+        return ("velocity",) if self.momentum else ()
 
     def update(self, p: Array, g: Array, slots: dict[str, Array]) -> Array:
         if not self.momentum:
@@ -134,10 +186,19 @@ class Adam(Optimizer):
         eps: float = 1e-8,
     ) -> None:
         super().__init__(model, lr)
-        self.betas, self.eps = (float(betas[0]), float(betas[1])), float(eps)
+        if not isinstance(betas, tuple | list) or len(betas) != 2:
+            raise ValueError(f"Adam: betas must be a pair of numbers, got {betas!r}")
+        self.betas = (
+            _number("Adam", "betas[0]", betas[0], 0, 1, high_open=True),
+            _number("Adam", "betas[1]", betas[1], 0, 1, high_open=True),
+        )
+        self.eps = _number("Adam", "eps", eps, 0, 1, low_open=True)
 
     def hyperparams(self) -> dict[str, Any]:
         return {"lr": self.lr, "betas": list(self.betas), "eps": self.eps}
+
+    def slot_names(self) -> tuple[str, ...]:
+        return ("m", "v")
 
     def update(self, p: Array, g: Array, slots: dict[str, Array]) -> Array:
         b1, b2 = self.betas
@@ -148,6 +209,10 @@ class Adam(Optimizer):
         return p
 
 
+#: Optimizer classes by type name: what checkpoints record and how they are read back.
+OPTIMIZER_CLASSES: dict[str, type[Optimizer]] = {"SGD": SGD, "Adam": Adam}
+
+#: Names :func:`make_optimizer` (and the CLI's ``--optimizer``) accept.
 OPTIMIZERS = ("sgd", "momentum", "adam")
 
 

@@ -6,20 +6,20 @@ when a picture is drawn, and only through its object API with the Agg
 
 Every PNG is drawn at a fixed size and dpi (so its pixel size never depends on
 the data) and written atomically: to a temporary file beside the target, then
-``os.replace``, so a reader never sees half a picture.
+``os.replace`` (:mod:`xcnn.atomic`), so a reader never sees half a picture.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .atomic import atomic_write
 from .backend import to_numpy
 from .layers import Conv2D
 
@@ -60,18 +60,12 @@ def _figure(width: float, height: float) -> Any:
 
 
 def _save(fig: Any, path: str | os.PathLike[str]) -> Path:
-    """Write ``fig`` as a PNG at :data:`DPI` to ``path`` atomically (temp file + os.replace)."""
+    """Write ``fig`` as a PNG at :data:`DPI` to ``path`` atomically (see :mod:`xcnn.atomic`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            # No "Software" stamp: the bytes depend on the picture, not the matplotlib version.
-            fig.savefig(fh, format="png", dpi=DPI, metadata={"Software": None})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as fh:
+        # No "Software" stamp: the bytes depend on the picture, not the matplotlib version.
+        fig.savefig(fh, format="png", dpi=DPI, metadata={"Software": None})
     return path
 
 

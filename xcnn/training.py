@@ -20,7 +20,6 @@ Loops run over batches, never over samples.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
 from collections.abc import Callable
@@ -61,14 +60,12 @@ def _on_model_device(func: Callable[..., Any]) -> Callable[..., Any]:
 
     CuPy launches kernels on the *current* GPU, so the scaling, slicing and
     sums here must run where the model's arrays live (e.g. GPU 1), as
-    ``Sequential.forward``/``backward`` do. (``getattr``: a backend without
-    ``activate`` needs nothing.)
+    ``Sequential.forward``/``backward`` do.
     """
 
     @functools.wraps(func)
     def wrapper(model: Sequential, *args: Any, **kwargs: Any) -> Any:
-        activate = getattr(model.backend, "activate", None)
-        with activate() if activate is not None else contextlib.nullcontext():
+        with model.backend.activate():
             return func(model, *args, **kwargs)
 
     return wrapper
@@ -161,7 +158,7 @@ def fit(
     epochs: int = 1,
     batch_size: int = 32,
     validation_data: tuple[Any, Any] | None = None,
-    scale: str = "centered",
+    scale: str | None = None,
     lr_decay: float = 1.0,
     seed: int = 0,
     rng: np.random.Generator | None = None,
@@ -193,7 +190,7 @@ def fit(
     validation_data : (x, y), optional
         Evaluated (as :func:`evaluate`) after every epoch; adds ``val_loss``
         and ``val_accuracy`` to the history.
-    scale : "unit", "centered" or "standard"
+    scale : "unit", "centered", "standard", or None for ``model.scale``
         Scaling of integer images (:data:`SCALES`): ``x / 255``,
         ``x / 255 - 0.5`` (the tutorial's, default) or
         ``(x / 255 - 0.1307) / 0.3081``. Ignored for floating inputs.
@@ -231,7 +228,9 @@ def fit(
         raise ValueError("fit: the optimizer was built for another model")
     if not 0 < lr_decay <= 1:
         raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay!r}")
+    scale = model.scale if scale is None else scale
     x = _images_to_device(model, x_train, scale, "x_train")
+    model.scale = scale  # the model now expects inputs scaled this way
     n = int(x.shape[0])
     num_classes = _num_classes(model, x)
     y = _labels_to_device(model, y_train, n, num_classes, "y_train")
@@ -333,7 +332,7 @@ def _evaluate_device(
 
 @_on_model_device
 def evaluate(
-    model: Sequential, x: Any, y: Any, *, batch_size: int = 1000, scale: str = "centered"
+    model: Sequential, x: Any, y: Any, *, batch_size: int = 1000, scale: str | None = None
 ) -> dict[str, Any]:
     """Loss, accuracy and confusion matrix of ``model`` on ``(x, y)`` (``train=False``).
 
@@ -345,7 +344,7 @@ def evaluate(
     y : (N,) integer class indices in ``[0, K)``.
     batch_size : int
         Images per forward pass (memory vs. speed; results do not depend on it).
-    scale : "unit", "centered" or "standard"
+    scale : "unit", "centered", "standard", or None for ``model.scale``
         As for :func:`fit`; use the one the model was trained with.
 
     Returns
@@ -357,7 +356,7 @@ def evaluate(
         ``trace / N == accuracy``.
     """
     _check_positive("batch_size", batch_size)
-    xd = _images_to_device(model, x, scale)
+    xd = _images_to_device(model, x, model.scale if scale is None else scale)
     n = int(xd.shape[0])
     k = _num_classes(model, xd)
     y_host = np.asarray(to_numpy(y))
@@ -369,7 +368,7 @@ def evaluate(
 
 @_on_model_device
 def predict(
-    model: Sequential, x: Any, *, batch_size: int = 1000, scale: str = "centered"
+    model: Sequential, x: Any, *, batch_size: int = 1000, scale: str | None = None
 ) -> np.ndarray:
     """Class probabilities ``softmax(model(x))`` as a host array.
 
@@ -379,14 +378,14 @@ def predict(
     x : (N, C, H, W) array
         Integer intensities (scaled as ``scale`` says) or floats (used as given).
     batch_size : int
-    scale : "unit", "centered" or "standard"
+    scale : "unit", "centered", "standard", or None for ``model.scale``
 
     Returns
     -------
     numpy.ndarray (N, K) in the model's dtype; each row sums to 1.
     """
     _check_positive("batch_size", batch_size)
-    xd = _images_to_device(model, x, scale)
+    xd = _images_to_device(model, x, model.scale if scale is None else scale)
     xp, n = model.xp, int(xd.shape[0])
     probs = [
         F.softmax(model.forward(xd[i : min(i + batch_size, n), ...], train=False))
