@@ -8,6 +8,7 @@ code stays correct for read-only and immutable arrays. Optimizer state
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .backend import to_numpy
