@@ -319,6 +319,11 @@ def onnx_graph(
     g.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
     outputs = [("logits", out_shape)]
     if probabilities:
+        if len(out_shape) != 1:
+            raise ValueError(
+                f"to_onnx: probabilities need (N, K) logits; this model outputs "
+                f"(N, {', '.join('?' if d is None else str(d) for d in out_shape)})"
+            )
         g.node("Softmax", ["logits"], "probabilities", axis=-1)
         outputs.append(("probabilities", out_shape))
 
