@@ -561,9 +561,9 @@ def load_model(
 ) -> tuple[Any, str]:
     """A model from a checkpoint or an xcnn safetensors file, and its input scaling.
 
-    The scaling is ``model.scale`` where models carry it, else what the file
-    recorded (a checkpoint's ``extra["scale"]``, the safetensors metadata),
-    else "centered".
+    The scaling is what the file recorded (a checkpoint's ``extra["scale"]``,
+    written by ``xcnn train``; the safetensors metadata), else ``model.scale``
+    where models carry it, else "centered".
     """
     from . import io
 
@@ -573,7 +573,7 @@ def load_model(
     else:
         ck = io.load_checkpoint(path, backend=backend, device=device)
         model, recorded = ck.model, ck.extra.get("scale")
-    return model, _scale_of(model, getattr(model, "scale", None) or recorded)
+    return model, _scale_of(model, recorded)
 
 
 def export_file(
