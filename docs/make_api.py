@@ -65,6 +65,9 @@ MODULES = [
     "xcnn.testing",
     "xcnn.plots",
     "xcnn.functional",
+    "xcnn.digits",
+    "xcnn.export",
+    "xcnn.serve",
 ]
 
 LIST_SECTIONS = {

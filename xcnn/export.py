@@ -1,37 +1,33 @@
 """Export a model for other runtimes: ONNX (graph and weights) and safetensors (weights).
 
-**ONNX** (:func:`to_onnx`). The graph is built node by node from the model's own
-layers, with :mod:`onnx.helper`, so every xcnn layer maps to one documented
-ONNX operator and ONNX Runtime can check the result against xcnn:
+ONNX (:func:`to_onnx`): the graph is built node by node from the model's own
+layers with :mod:`onnx.helper`, each xcnn layer becoming documented ONNX
+operators, so ONNX Runtime can check the result against xcnn:
 
-=================  ==============================================================
-xcnn layer         ONNX nodes
-=================  ==============================================================
-Conv2D             ``Conv`` (explicit ``pads`` from xcnn's own rule; ``"same"``
-                   on an input of unknown size: ``auto_pad=SAME_UPPER``, the same
-                   TensorFlow rule, extra row/column at the bottom/right)
-MaxPool2D          ``MaxPool`` (``ceil_mode=0``: incomplete windows dropped, as xcnn)
-AvgPool2D          ``AveragePool`` (``ceil_mode=0``, no padding)
-Dense              ``Gemm`` (weight (I, O) as stored: ``transB=0``)
-ReLU, Flatten      ``Relu``, ``Flatten(axis=1)`` (C, H, W order, as xcnn)
-Softmax            ``Softmax(axis=-1)``
-BatchNorm2D        ``BatchNormalization`` (inference: the running statistics)
-Dropout            ``Identity`` (evaluation mode)
-GlobalAvgPool2D    ``GlobalAveragePool`` + ``Flatten`` -> (N, C)
-Residual           the branch and the shortcut, then ``Add``
-=================  ==============================================================
+- Conv2D: ``Conv``, with explicit ``pads`` from xcnn's own rule (for
+  ``"same"`` on an input of unknown size, ``auto_pad=SAME_UPPER``: the same
+  TensorFlow rule, the extra row/column at the bottom/right);
+- MaxPool2D, AvgPool2D: ``MaxPool``, ``AveragePool`` with ``ceil_mode=0`` and
+  no padding, so a window that does not fit is dropped, as in xcnn;
+- Dense: ``Gemm`` with the weight (I, O) as stored (``transB=0``);
+- ReLU, Flatten, Softmax: ``Relu``, ``Flatten(axis=1)`` (C, H, W order),
+  ``Softmax(axis=-1)``;
+- BatchNorm2D: ``BatchNormalization`` with the running statistics (inference);
+- Dropout: ``Identity`` (evaluation mode);
+- GlobalAvgPool2D: ``GlobalAveragePool`` then ``Flatten``, giving (N, C);
+- Residual: the branch's and the shortcut's nodes, then ``Add``.
 
 Interface of the exported graph (opset :data:`DEFAULT_OPSET` unless asked):
 
-- input ``images``: float32 ``(N, C, H, W)``, pixel intensities / 255, in
-  0..1, white on black for MNIST models. The model's input scaling
+- input ``images``: float32 (N, C, H, W), pixel intensities / 255, in 0..1,
+  white on black for MNIST models. The model's input scaling
   (:data:`xcnn.training.SCALES`, e.g. "centered": ``x - 0.5``) is the first
-  node(s) of the graph, so callers never repeat it. ``N`` is dynamic; ``C, H,
-  W`` are fixed when the model's input shape is known (``model.input_shape``
-  or ``input_shape=``), else ``H, W`` are dynamic too.
-- output ``logits``: float32 ``(N, K)``, the model's output (its last layer);
-- output ``probabilities`` (only with ``probabilities=True``): float32
-  ``(N, K)``, ``Softmax`` of the logits.
+  node(s) of the graph, so callers never repeat it. N is dynamic; C, H, W
+  are fixed when the model's input shape is known (``model.input_shape`` or
+  ``input_shape=``), else H and W are dynamic too;
+- output ``logits``: float32 (N, K), the model's output (its last layer);
+- output ``probabilities``, only with ``probabilities=True``: float32 (N, K),
+  the softmax of the logits.
 
 Initializers are named as :meth:`xcnn.Sequential.state_dict` names the weights
 (``"0.weight"``, ``"3.layers.1.running_mean"``); the architecture
@@ -39,12 +35,12 @@ Initializers are named as :meth:`xcnn.Sequential.state_dict` names the weights
 (``xcnn.config``, ``xcnn.scale``, and ``xcnn.classes`` where the model has class
 names). Weights are exported as float32 whatever the model's dtype.
 
-**safetensors** (:func:`to_safetensors`). Every tensor of
+safetensors (:func:`to_safetensors`): every tensor of
 :meth:`~xcnn.Sequential.state_dict` under its key (parameters such as
 ``"0.weight"``, BatchNorm running statistics such as ``"2.running_mean"``), in
 the model's dtype; the file's metadata holds ``format`` (``"xcnn"``),
-``version``, ``config`` (``model.config()`` as JSON), ``scale`` and, where the model
-has them, ``classes`` (JSON). :func:`xcnn.load` reads such a file back
+``version``, ``config`` (``model.config()`` as JSON), ``scale`` and, where the
+model has them, ``classes`` (JSON). :func:`xcnn.load` reads such a file back
 (:func:`read_safetensors`).
 
 Both writers are atomic (temporary file beside the target, fsync, rename).

@@ -6,27 +6,24 @@ slow client never blocks the page, and plenty for a local demo (it is not a
 production server: no TLS, no authentication; it binds 127.0.0.1 unless told
 otherwise).
 
-Routes
-------
-``GET /``
-    The page (``xcnn/static/serve.html``, one file, no external downloads): a
-    280 px canvas for mouse, pen and touch (pointer events), live top-3
-    probabilities while drawing, the first conv layer's feature maps, the
-    28x28 image the model sees, a clear button and an invert switch.
-``GET /api/model``
-    ``{"layers": [...], "input_shape": [C, H, W], "scale": ..., "classes": ...}``.
-``POST /api/predict``
-    Body ``{"image": [[...], ...]}``: rows of floats 0..1, white digit on black,
-    any size up to :data:`MAX_SIDE` a side (Content-Type ``application/json``,
-    at most :data:`MAX_BODY` bytes). The server frames it as MNIST was made
-    (:func:`xcnn.digits.center_digit`) for a 28x28 single-channel model, or
-    resizes it to the model's input otherwise, then answers
-    ``{"class": k, "probabilities": [p0, ...], "input": 28x28 rows,
-    "feature_maps": [F maps of OH rows of OW floats] (the first Conv2D's
-    output; [] without one)}`` plus ``"classes": [names]`` where the model has
-    class names. A malformed request gets a 4xx reply ``{"error": "..."}``
-    (400 bad JSON/shape/values, 404, 405, 411, 413 too large, 415 not JSON)
-    and the server goes on serving.
+Routes:
+
+- ``GET /``: the page (``xcnn/static/serve.html``, one file, no external
+  downloads): a 280 px canvas for mouse, pen and touch (pointer events), live
+  top-3 probabilities while drawing, the first conv layer's feature maps, the
+  28x28 image the model sees, a clear button and an invert switch.
+- ``GET /api/model``: the layers, ``input_shape``, ``scale`` and ``classes``.
+- ``POST /api/predict``: body ``{"image": [[...], ...]}``, rows of floats 0..1,
+  white digit on black, any size up to :data:`MAX_SIDE` a side (Content-Type
+  ``application/json``, at most :data:`MAX_BODY` bytes). The server frames it
+  as MNIST was made (:func:`xcnn.digits.center_digit`) for a 28x28
+  single-channel model, or resizes it to the model's input otherwise. The
+  reply has ``class`` (k), ``probabilities`` (K floats), ``input`` (the
+  prepared image, rows of floats), ``feature_maps`` (the first Conv2D's
+  output, F maps of OH rows of OW floats; empty without a Conv2D) and, where
+  the model has class names, ``classes``. A malformed request gets a 4xx
+  reply ``{"error": "..."}`` (400 bad JSON, shape or values; 404; 405; 411;
+  413 too large; 415 not JSON) and the server goes on serving.
 """
 
 from __future__ import annotations
