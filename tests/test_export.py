@@ -377,3 +377,9 @@ def test_cli_export_errors(argv, fragment, checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert status != 0 and len(err) == 1 and err[0].startswith("xcnn: error: ")
     assert fragment in err[0]
+
+
+def test_every_registered_layer_has_a_converter():
+    """A new layer in xcnn.layers.LAYERS without an ONNX converter fails here."""
+    missing = set(xcnn.layers.LAYERS) - set(export.CONVERTERS)
+    assert not missing, f"add ONNX converters to xcnn/export.py for {sorted(missing)}"

@@ -62,6 +62,7 @@ from .backend import to_numpy
 from .training import SCALES
 
 __all__ = [
+    "CONVERTERS",
     "DEFAULT_OPSET",
     "MIN_OPSET",
     "SAFETENSORS_FORMAT",
