@@ -70,6 +70,9 @@ MODULES = [
     "xcnn.functional",
     "xcnn.updates",
     "xcnn.kernels",
+    "xcnn.digits",
+    "xcnn.export",
+    "xcnn.serve",
 ]
 
 LIST_SECTIONS = {

@@ -4,7 +4,7 @@ The same layers, forward and backprop run on NumPy (CPU) or CuPy (CUDA GPU),
 chosen by ``backend=`` when a model is built.
 """
 
-from . import datasets, functional, io, models, testing, training
+from . import datasets, digits, export, functional, io, models, testing, training
 from .backend import Backend, BackendError, resolve_backend, to_numpy
 from .io import load, save
 from .layers import AvgPool2D, Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU, Softmax
@@ -33,7 +33,9 @@ __all__ = [
     "Softmax",
     "build_model",
     "datasets",
+    "digits",
     "evaluate",
+    "export",
     "fit",
     "functional",
     "io",

@@ -144,7 +144,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train and use small CNNs written from scratch against the array API.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_train_parser, _evaluate_parser, _predict_parser, _sobel_parser):
+    for add in (
+        _train_parser,
+        _evaluate_parser,
+        _predict_parser,
+        _sobel_parser,
+        _export_parser,
+        _serve_parser,
+    ):
         add(sub)
     return parser
 
@@ -257,6 +264,47 @@ def _sobel_parser(sub: Any) -> None:
     )
     s.add_argument("--out", required=True, metavar="FILE", help="figure to write (e.g. sobel.png)")
     s.set_defaults(func=_sobel)
+
+
+# -- export and serve (#14): the work is done in xcnn.export and xcnn.serve --
+
+
+def _export_parser(sub: Any) -> None:
+    x = sub.add_parser(
+        "export",
+        help="write a model as ONNX or safetensors",
+        description="Export a checkpoint (or an xcnn safetensors file): ONNX for ONNX Runtime "
+        "(input 'images' = pixels/255 (N, C, H, W), the model's scaling inside; output "
+        "'logits'), or safetensors (weights and running statistics, architecture in the "
+        "metadata; see docs/deploy.md).",
+    )
+    x.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint or .safetensors file")
+    x.add_argument("--format", required=True, choices=("onnx", "safetensors"))
+    x.add_argument("-o", "--output", required=True, metavar="FILE", help="file to write")
+    x.add_argument("--probabilities", action="store_true", help="onnx: also output 'probabilities'")
+    x.add_argument("--opset", type=_count(1), help="onnx: the opset (default: 17)")
+    x.set_defaults(
+        func=lambda a: importlib.import_module("xcnn.export").export_command(
+            a.checkpoint, a.output, format=a.format, probabilities=a.probabilities, opset=a.opset
+        )
+    )
+
+
+def _serve_parser(sub: Any) -> None:
+    v = sub.add_parser(
+        "serve",
+        help="a web page to draw digits on and watch the model read them",
+        description="Serve a page (and a JSON API, POST /api/predict) where a drawn digit is "
+        "classified live, with the first conv layer's feature maps. Stop with Ctrl-C.",
+    )
+    v.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint or .safetensors file")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    v.add_argument("--port", type=_count(0), default=8000, help="port (default: 8000; 0: any)")
+    v.set_defaults(
+        func=lambda a: importlib.import_module("xcnn.serve").serve_file(
+            a.checkpoint, host=a.host, port=a.port
+        )
+    )
 
 
 # -- running a command --------------------------------------------------------------

@@ -617,5 +617,13 @@ def _restore_optimizer(
 
 
 def load(path: str | os.PathLike[str], *, backend: Any = "numpy", device: Any = None) -> Sequential:
-    """Load just the model of a checkpoint, on ``backend`` (see :func:`load_checkpoint`)."""
+    """Load just the model of a checkpoint, on ``backend`` (see :func:`load_checkpoint`).
+
+    Also reads a safetensors file written by :func:`xcnn.export.to_safetensors`
+    (recognised by its content; needs the ``safetensors`` package).
+    """
+    from . import export  # imported on use: io stays independent of the exporters
+
+    if export.is_safetensors(path):
+        return export.read_safetensors(path, backend=backend, device=device)
     return load_checkpoint(path, backend=backend, device=device).model
