@@ -60,6 +60,7 @@ GROUPS = {
 MODULES = [
     "xcnn.models",
     "xcnn.training",
+    "xcnn.distributed",
     "xcnn.datasets",
     "xcnn.io",
     "xcnn.testing",

@@ -165,6 +165,28 @@ def test_resolve_names_and_errors():
     assert resolve("none").size == 1 and resolve(None).is_root
     comm = Communicator(1, 4)
     assert resolve(comm) is comm and not comm.is_root
+
+    class Plain:  # the Collectives protocol, no base class
+        rank, size = 0, 1
+
+        def allreduce_sum(self, buffer):
+            return buffer
+
+        def bcast(self, obj, root=0):
+            return obj
+
+        def allgather(self, obj):
+            return [obj]
+
+        def barrier(self):
+            pass
+
+        def abort(self, code=1):
+            raise SystemExit(code)
+
+    adapted = resolve(Plain())
+    assert isinstance(adapted, Communicator) and adapted.is_root
+    _train(adapted, 40, 8)
     with pytest.raises(ValueError, match="unknown distributed 'gloo'"):
         resolve("gloo")
     with pytest.raises(TypeError, match="distributed must be one of"):

@@ -68,6 +68,7 @@ __all__ = [
     "find_mpiexec",
     "launched_world_size",
     "resolve",
+    "state_digest",
 ]
 
 #: The names :func:`resolve` (and ``xcnn train --distributed``) accept.
@@ -541,6 +542,29 @@ def abort_on_error(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+class _Adapted(Communicator):
+    """Any object with the :class:`Collectives` methods, given the training helpers."""
+
+    def __init__(self, inner: Collectives) -> None:
+        super().__init__(inner.rank, inner.size, getattr(inner, "device", None))
+        self.inner, self.name = inner, getattr(inner, "name", type(inner).__name__)
+
+    def allreduce_sum(self, buffer: Array) -> Array:
+        return self.inner.allreduce_sum(buffer)
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        return self.inner.bcast(obj, root)
+
+    def allgather(self, obj: Any) -> list[Any]:
+        return self.inner.allgather(obj)
+
+    def barrier(self) -> None:
+        self.inner.barrier()
+
+    def abort(self, code: int = 1) -> None:
+        self.inner.abort(code)
+
+
 # -- resolution ------------------------------------------------------------------------
 
 _WORLD: dict[str, Communicator] = {}
@@ -563,14 +587,15 @@ def launched_world_size(environ: dict[str, str] | None = None) -> int | None:
 
 
 def resolve(distributed: str | Communicator | Collectives | None = "auto") -> Communicator:
-    """The communicator for ``distributed``: a name from :data:`DISTRIBUTED`, None, or one.
+    """The communicator for ``distributed``: a name from :data:`DISTRIBUTED`, None, or an object.
 
     Parameters
     ----------
     distributed : "auto", "mpi", "nccl", "none", None or a Communicator
         ``"auto"``: MPI when a launcher started more than one rank (checked in
         the environment before importing mpi4py), else one process.
-        ``"none"``/None: one process. A :class:`Communicator` is returned as is.
+        ``"none"``/None: one process. A :class:`Communicator` is returned as is;
+        any other object with the :class:`Collectives` methods is wrapped in one.
         The MPI and NCCL communicators are created once per process.
 
     Returns
@@ -595,6 +620,8 @@ def resolve(distributed: str | Communicator | Collectives | None = "auto") -> Co
         return distributed
     if distributed is None:
         distributed = "none"
+    if not isinstance(distributed, str) and isinstance(distributed, Collectives):
+        return _Adapted(distributed)
     if not isinstance(distributed, str):
         raise TypeError(
             f"distributed must be one of {DISTRIBUTED}, None or a Communicator, "
