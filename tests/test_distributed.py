@@ -407,7 +407,10 @@ def test_a_failing_rank_stops_the_job(tmp_path, how):
     assert time.monotonic() - start < TIMEOUT  # bounded: no hang (the timeout would raise)
     assert done.returncode != 0
     if how == "raise":
-        assert "xcnn: rank 1 of 2 failed: RuntimeError: simulated failure on rank 1" in done.stderr
+        assert (
+            "xcnn: error: rank 1 of 2 failed: RuntimeError: simulated failure on rank 1"
+            in done.stderr
+        )
     else:  # the launcher notices the dead rank and ends the job
         assert "BAD TERMINATION" in done.stdout + done.stderr
     ck = xcnn.io.load_checkpoint(tmp_path / "ck.npz")  # intact: written atomically

@@ -18,7 +18,7 @@ the same metrics. Rank 0 alone prints, shows progress, saves and plots
 (:attr:`Communicator.is_root`).
 
 Failure: in a world of more than one rank, an exception that leaves
-:func:`xcnn.fit` (or is not caught at all) prints ``xcnn: rank R of N
+:func:`xcnn.fit` (or is not caught at all) prints ``xcnn: error: rank R of N
 failed: ...`` and calls ``MPI_Abort``, so the other ranks, blocked in an
 all-reduce, are stopped by the launcher instead of hanging. A killed rank
 is noticed by the launcher (``mpiexec``), which ends the job.
@@ -307,8 +307,8 @@ class Communicator:
         """Report ``exc`` as this rank's failure and abort every rank (size > 1)."""
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         sys.stderr.write(
-            f"{text}xcnn: rank {self.rank} of {self.size} failed: {type(exc).__name__}: {exc}; "
-            f"aborting all {self.size} ranks\n"
+            f"{text}xcnn: error: rank {self.rank} of {self.size} failed: "
+            f"{type(exc).__name__}: {exc}; aborting all {self.size} ranks\n"
         )
         self.abort(1)
 
@@ -511,7 +511,7 @@ def _install_excepthook(comm: Communicator) -> None:
     def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
         previous(kind, value, tb)
         sys.stderr.write(
-            f"xcnn: rank {comm.rank} of {comm.size} failed: {kind.__name__}: {value}; "
+            f"xcnn: error: rank {comm.rank} of {comm.size} failed: {kind.__name__}: {value}; "
             f"aborting all {comm.size} ranks\n"
         )
         comm.abort(1)
