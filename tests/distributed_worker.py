@@ -7,6 +7,7 @@
 - ``raise`` / ``kill``: rank 0 saves a checkpoint to OUT after every epoch; at
   the end of epoch 2 rank 1 raises (or kills itself with SIGKILL).
 - ``drift``: rank 1 changes a weight after epoch 1, outside fit.
+- ``staging``: all-reduce an array_api_strict array (not NumPy: through the host).
 """
 
 from __future__ import annotations
@@ -27,6 +28,18 @@ def main() -> None:
     mode, dist, out = sys.argv[1:4]
     n, batch = (int(v) for v in sys.argv[4:6]) if len(sys.argv) > 4 else (500, 25)
     comm = distributed.resolve(dist)
+    if mode == "staging":  # a non-NumPy array goes through the host and comes back
+        import array_api_strict as xp
+
+        buf = xp.asarray(
+            [1.0, 2.0, float(comm.rank)], dtype=xp.float32, device=xp.Device("device1")
+        )
+        total = comm.allreduce_sum(buf)
+        assert type(total) is type(buf) and total.device == buf.device, (type(total), total.device)
+        expected = [comm.size, 2.0 * comm.size, sum(range(comm.size))]
+        assert xp.all(total == xp.asarray(expected, dtype=xp.float32, device=buf.device))
+        print(f"rank {comm.rank} ok", flush=True)
+        return
     data = datasets.sample()
     model = build_model("seed", seed=0)
     optimizer = xcnn.SGD(model, 0.01)

@@ -422,3 +422,10 @@ def test_drift_between_real_ranks_fails_loudly(tmp_path):
     done = _launch(2, str(WORKER), "drift", "mpi", "x.npz", cwd=tmp_path)
     assert done.returncode != 0
     assert "epoch 2: rank 1 of 2 holds other weights" in done.stderr
+
+
+@needs_mpi
+def test_non_numpy_buffers_go_through_the_host(tmp_path):
+    done = _launch(2, str(WORKER), "staging", "mpi", "-", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert sorted(done.stdout.split("\n")[:2]) == ["rank 0 ok", "rank 1 ok"]

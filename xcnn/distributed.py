@@ -27,8 +27,9 @@ Backends (:func:`resolve`):
 
 - ``"none"`` / ``None``: :class:`Communicator`, one process (no MPI import).
 - ``"mpi"``: :class:`MPICommunicator`, mpi4py's buffer-based ``Allreduce``
-  on NumPy buffers (device arrays go through the host unless the MPI
-  library is CUDA-aware, then the device buffer is passed directly).
+  on NumPy buffers (device arrays go through the host unless
+  ``XCNN_MPI_CUDA_AWARE=1`` says the MPI library is CUDA-aware, then the
+  device buffer is passed directly).
 - ``"nccl"``: :class:`NCCLCommunicator`, ``cupy.cuda.nccl`` all-reduce on
   device buffers; one rank per GPU, GPU = the rank's index on its host;
   the NCCL unique id is broadcast over MPI, which also carries the small
@@ -367,9 +368,10 @@ class MPICommunicator(Communicator):
     """Collectives over an mpi4py communicator (default ``MPI.COMM_WORLD``).
 
     Gradients go through mpi4py's buffer-based ``Allreduce`` (no pickling):
-    NumPy buffers directly; device arrays directly when the MPI library
-    reports CUDA support (``MPI.Query_cuda_support()``), else through one
-    host copy each way. Small objects use mpi4py's object collectives.
+    NumPy buffers directly; device arrays directly when the MPI library is
+    CUDA-aware and ``XCNN_MPI_CUDA_AWARE=1`` says so (mpi4py cannot ask the
+    library), else through one host copy each way. Small objects use mpi4py's
+    object collectives.
 
     In a world of more than one rank it installs a ``sys.excepthook`` that
     aborts every rank on an uncaught exception (as ``python -m mpi4py`` does),
@@ -383,8 +385,8 @@ class MPICommunicator(Communicator):
         self.MPI = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
         super().__init__(self.comm.Get_rank(), self.comm.Get_size())
-        query = getattr(MPI, "Query_cuda_support", None)
-        self.cuda_aware = bool(query()) if query is not None else False
+        # mpi4py does not expose MPIX_Query_cuda_support: the user says so.
+        self.cuda_aware = os.environ.get("XCNN_MPI_CUDA_AWARE", "") == "1"
         if self.size > 1:
             _install_excepthook(self)
 
