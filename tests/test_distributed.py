@@ -429,3 +429,17 @@ def test_non_numpy_buffers_go_through_the_host(tmp_path):
     done = _launch(2, str(WORKER), "staging", "mpi", "-", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert sorted(done.stdout.split("\n")[:2]) == ["rank 0 ok", "rank 1 ok"]
+
+
+def test_dropout_streams_follow_rank_0_then_split():
+    def target(comm):
+        model = build_model("seed", seed=0)
+        model.rng = np.random.default_rng(100 + comm.rank)  # ranks start apart
+        comm.check_in_sync(model, None, None, "test")
+        return model.rng.bit_generator.state
+
+    _, states, errors = _run_ranks(2, target)
+    assert errors == [None, None]
+    shared = np.random.default_rng(100).bit_generator
+    assert states[0] == shared.state  # rank 0: the shared stream, as checkpoints hold it
+    assert states[1] == shared.jumped(1).state  # rank 1: its own stream

@@ -266,7 +266,8 @@ class Communicator:
         First the state that may differ by design is made equal: buffers
         (e.g. BatchNorm running statistics, computed from each rank's own
         shard) are averaged, and the model's dropout generator takes rank 0's
-        state. Then a SHA-256 digest of the parameters, optimizer state and
+        state, which rank r then jumps r streams ahead so that ranks draw
+        independent masks. Then a SHA-256 digest of the parameters, optimizer state and
         shuffle generator is gathered from every rank.
 
         Raises
@@ -279,7 +280,12 @@ class Communicator:
         self._average_buffers(model)
         model_rng = getattr(model, "rng", None)
         if isinstance(model_rng, np.random.Generator):
-            model_rng.bit_generator.state = self.bcast(model_rng.bit_generator.state)
+            bits = model_rng.bit_generator
+            bits.state = self.bcast(bits.state)
+            # Rank r then draws from its own stream (r jumps ahead: dropout masks differ
+            # between ranks); checkpoints are rank 0's, whose stream is the shared one.
+            if self.rank and hasattr(bits, "jumped"):
+                bits.state = bits.jumped(self.rank).state
         digests = self.allgather(state_digest(model, optimizer, rng))
         drifted = [r for r, d in enumerate(digests) if d != digests[0]]
         if drifted:
