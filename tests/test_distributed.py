@@ -428,7 +428,7 @@ def test_drift_between_real_ranks_fails_loudly(tmp_path):
 def test_non_numpy_buffers_go_through_the_host(tmp_path):
     done = _launch(2, str(WORKER), "staging", "mpi", "-", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert sorted(done.stdout.split("\n")[:2]) == ["rank 0 ok", "rank 1 ok"]
+    assert "rank 0 ok" in done.stdout and "rank 1 ok" in done.stdout, done.stdout
 
 
 def test_dropout_streams_follow_rank_0_then_split():
