@@ -60,6 +60,7 @@ GROUPS = {
 MODULES = [
     "xcnn.models",
     "xcnn.training",
+    "xcnn.distributed",
     "xcnn.datasets",
     "xcnn.io",
     "xcnn.atomic",
@@ -290,7 +291,9 @@ def _members(cls: type) -> list[tuple[str, Any]]:
 def object_md(qualname: str, obj: Any, comments: dict[str, str], level: int = 3) -> str:
     name = qualname.rsplit(".", 1)[-1]
     head = "#" * level + f" {qualname}"
-    if isinstance(obj, types.GenericAlias | types.UnionType) or type(obj).__module__ == "typing":
+    if isinstance(obj, types.GenericAlias | types.UnionType) or (
+        type(obj).__module__ == "typing" and not inspect.isclass(obj)  # a Protocol is a class
+    ):
         alias = f"`{name} = {_ADDRESS.sub('', repr(obj))}` (type alias)"
         return "\n".join(
             [head, "", alias] + (["", _inline(comments[name])] if name in comments else [])

@@ -9,8 +9,9 @@ How a page is tested (README.md and docs/*.md, one test per page):
 - ```` ```console ```` / ```` ```bash ```` / ```` ```sh ```` blocks: each ``$ `` line
   (``\\`` continues it) runs in a subprocess, in a scratch folder where ``docs/``
   links to the real one; ``xcnn ...`` is the installed CLI, ``python ...`` this
-  interpreter (with the repository on ``PYTHONPATH``), ``VAR=value`` prefixes
-  set the environment.
+  interpreter (with the repository on ``PYTHONPATH``), ``mpiexec -n N`` before
+  either the distributed extra's launcher, ``VAR=value`` prefixes set the
+  environment.
   Output lines after a command are checked against its stdout like a doctest.
   ``pip install`` lines are not run, but every extra they name must exist in
   pyproject.toml.
@@ -199,6 +200,11 @@ def argv_for(cmd: str, where: str) -> tuple[list[str], dict[str, str]]:
         key, value = words.pop(0).split("=", 1)
         env[key] = value
     assert words, f"{where}: empty command {cmd!r}"
+    if words[0] == "mpiexec" and len(words) > 3 and words[1] == "-n":  # the distributed extra's
+        launcher = xcnn.distributed.find_mpiexec()
+        assert launcher, f"{where}: `{cmd}` needs mpiexec: pip install 'xcnn[distributed]'"
+        inner, inner_env = argv_for(shlex.join(words[3:]), where)
+        return [launcher, "-n", words[2], *inner], {**env, **inner_env}
     if words[0] == "xcnn":
         script = shutil.which("xcnn", path=str(Path(sys.executable).parent))
         head = [script] if script else [sys.executable, "-m", "xcnn"]

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from . import datasets, io, runs
+from . import datasets, distributed, io, runs
 from .atomic import check_writable
 from .backend import BackendError
 from .images import intensities, read_image
@@ -205,6 +205,13 @@ def _train_parser(sub: Any) -> None:
         help="continue from a checkpoint: model, optimizer state, epoch count and shuffle order",
     )
     t.add_argument("--plots", metavar="DIR", help="write training plots here (needs matplotlib)")
+    t.add_argument(
+        "--distributed",
+        choices=distributed.DISTRIBUTED,
+        default="auto",
+        help="data-parallel over the ranks of 'mpiexec -n N xcnn train ...': mpi, nccl (CuPy, "
+        "one rank per GPU), auto (default: mpi when launched on more than one rank) or none",
+    )
     t.add_argument(
         "--json", action="store_true", help="print the final metrics as JSON (last line)"
     )
@@ -419,6 +426,13 @@ def _check_plots_dir(path: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    # --distributed: rank 0 alone prints, saves and plots; NCCL picks this rank's GPU.
+    comm = distributed.resolve(args.distributed)
+    comm.mute_unless_root()
+    if not comm.is_root:
+        args.save, args.plots, args.json = None, None, False
+    if args.device is None and comm.device is not None:
+        args.device = str(comm.device)
     # Everything that can be checked is checked before any training.
     if args.save is not None:
         check_writable(args.save)
@@ -473,6 +487,7 @@ def _train(args: argparse.Namespace) -> int:
         start_epoch=run.start_epoch,
         progress=progress,
         callback=on_epoch,
+        distributed=comm,
     )
     result = evaluate(model, x_test, y_test, scale=s.scale)
     seconds = float(sum(history["seconds"]))

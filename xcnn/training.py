@@ -31,6 +31,8 @@ from tqdm.auto import tqdm
 
 from . import functional as F
 from .backend import to_numpy
+from .distributed import Communicator, abort_on_error
+from .distributed import resolve as resolve_distributed
 from .losses import check_labels, softmax_cross_entropy
 from .model import Sequential
 from .optim import Optimizer
@@ -148,6 +150,7 @@ def _check_positive(name: str, value: int, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+@abort_on_error
 @_on_model_device
 def fit(
     model: Sequential,
@@ -165,6 +168,7 @@ def fit(
     start_epoch: int = 0,
     progress: bool = True,
     callback: Callable[[int, dict[str, float]], None] | None = None,
+    distributed: Any = None,
 ) -> History:
     """Train ``model`` with mini-batch gradient descent; return the per-epoch history.
 
@@ -212,6 +216,10 @@ def fit(
         ``callback(epoch, logs)`` after every epoch, with ``epoch`` counted
         from 1 (including ``start_epoch``) and ``logs`` that epoch's entries
         of the history (e.g. to print or save a checkpoint).
+    distributed : "auto", "mpi", "nccl", "none", None or a Communicator
+        Data-parallel training (:func:`xcnn.distributed.resolve`; None: one
+        process): each rank trains on its shard of every batch of
+        ``batch_size`` images; see docs/distributed.md.
 
     Returns
     -------
@@ -241,6 +249,9 @@ def fit(
         yv = _labels_to_device(model, yv_host, int(xv.shape[0]), num_classes, "validation y")
         val = (xv, yv, yv_host)
     rng = np.random.default_rng(seed) if rng is None else rng
+    comm = resolve_distributed(distributed)
+    progress = progress and comm.is_root
+    comm.check_in_sync(model, optimizer, rng, "fit start")
 
     history: History = {"epoch": [], "train_loss": [], "train_accuracy": []}
     if val is not None:
@@ -249,11 +260,14 @@ def fit(
     for epoch in range(start_epoch + 1, start_epoch + epochs + 1):
         label = f"epoch {epoch}/{start_epoch + epochs}"
         loss, accuracy, seconds = _train_epoch(
-            model, optimizer, x, y, batch_size, rng, progress, label
+            model, optimizer, x, y, batch_size, rng, progress, label, comm
         )
+        comm.check_in_sync(model, optimizer, rng, f"epoch {epoch}")
         logs = {"epoch": epoch, "train_loss": loss, "train_accuracy": accuracy}
         if val is not None:
-            val_loss, pred = _evaluate_device(model, val[0], val[1], batch_size=_EVAL_BATCH)
+            val_loss, pred = comm.evaluate(
+                _evaluate_device, model, val[0], val[1], batch_size=_EVAL_BATCH
+            )
             logs["val_loss"] = val_loss
             logs["val_accuracy"] = float(np.mean(pred == val[2]))
         logs["seconds"] = seconds
@@ -275,6 +289,7 @@ def _train_epoch(
     rng: np.random.Generator,
     progress: bool,
     label: str,
+    comm: Communicator,
 ) -> tuple[float, float, float]:
     """One pass over (x, y) in a fresh random order; returns (loss, accuracy, seconds)."""
     xp, n = model.xp, int(x.shape[0])
@@ -288,16 +303,17 @@ def _train_epoch(
     with tqdm(total=n, desc=label, unit="img", disable=not progress, leave=True) as bar:
         for i in range(0, n, batch_size):
             # Clamped stop: the array API leaves out-of-range slice stops unspecified.
-            idx = order[i : min(i + batch_size, n)]
+            idx = comm.shard(order[i : min(i + batch_size, n)])  # this rank's part
             xb, yb = xp.take(x, idx, axis=0), xp.take(y, idx, axis=0)
             logits = model.forward(xb, train=True)
             loss, dlogits = softmax_cross_entropy(logits, yb, check=False)
             model.backward(dlogits, input_grad=False)
+            hits = xp.sum(xp.astype(xp.argmax(logits, axis=1) == yb, y.dtype))
+            nb, batch_loss, hits = comm.reduce_step(model, loss, hits)  # gradients averaged
             optimizer.step()
-            nb = int(idx.shape[0])
             seen += nb
-            loss_sum = loss_sum + loss * nb
-            correct = correct + xp.sum(xp.astype(xp.argmax(logits, axis=1) == yb, y.dtype))
+            loss_sum = loss_sum + batch_loss
+            correct = correct + hits
             loss_sum, correct = model.backend.materialise(loss_sum, correct)  # Dask: compute now
             now = time.perf_counter()
             if progress and (now - last >= _REFRESH_S or seen == n):
