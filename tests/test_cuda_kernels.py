@@ -136,6 +136,8 @@ def test_registers_exactly_the_seam_ops(host) -> None:
     expected = {
         "conv2d",
         "conv2d_backward",
+        "dense",
+        "dense_backward",
         "max_pool2d",
         "max_pool2d_values",
         "max_pool2d_backward",
@@ -279,6 +281,39 @@ def test_relu_matches_generic(host, dtype) -> None:
     yd, md = host.dense_relu(z, w, b)
     ref = z @ w + b
     assert _rel(yd, np.maximum(ref, 0)) < TOL[dtype] and np.array_equal(md, ref > 0)
+
+
+@pytest.mark.parametrize("dtype", list(CTYPES))
+def test_dense_matches_generic(host, dtype) -> None:
+    rng = np.random.default_rng(12)
+    x, w = rng.standard_normal((6, 5)).astype(dtype), rng.standard_normal((5, 4)).astype(dtype)
+    b, dy = rng.standard_normal(4).astype(dtype), rng.standard_normal((6, 4)).astype(dtype)
+    assert _rel(host.dense(x, w, b), _generic("dense")(x, w, b)) < TOL[dtype]
+    assert _rel(host.dense(x, w), x @ w) < TOL[dtype]
+    mine, ref = host.dense_backward(dy, x, w), _generic("dense_backward")(dy, x, w)
+    assert all(_rel(a, r) < TOL[dtype] for a, r in zip(mine, ref, strict=True))
+
+
+def _column_major(a: np.ndarray, rows: int, cols: int, ld: int) -> np.ndarray:
+    """How cuBLAS reads ``a``'s memory: a column-major (rows, cols) matrix, leading dim ld."""
+    return np.lib.stride_tricks.as_strided(a, (rows, cols), (a.itemsize, ld * a.itemsize))
+
+
+@pytest.mark.parametrize("ta", [False, True], ids=["a", "a.T"])
+@pytest.mark.parametrize("tb", [False, True], ids=["b", "b.T"])
+@pytest.mark.parametrize(("m", "k", "n"), [(3, 4, 5), (1, 4, 5), (3, 1, 2), (6, 5, 1)])
+def test_captured_gemm_operand_math(host, ta, tb, m, k, n) -> None:
+    """The op/ld choice of the direct cuBLAS call, replayed on NumPy memory."""
+    rng = np.random.default_rng(13)
+    a = rng.standard_normal((k, m)).T if ta else rng.standard_normal((m, k))  # (M, K)
+    b = rng.standard_normal((n, k)).T if tb else rng.standard_normal((k, n))  # (K, N)
+    a2, op_a, lda = host._operand(a)
+    b2, op_b, ldb = host._operand(b)
+    # gemm(op_b, op_a, n, m, k, B, ldb, A, lda, C, ldc=n): C^T (N, M) = op(B) @ op(A)
+    bm = _column_major(b2, n, k, ldb) if op_b == 0 else _column_major(b2, k, n, ldb).T
+    am = _column_major(a2, k, m, lda) if op_a == 0 else _column_major(a2, m, k, lda).T
+    assert lda >= (k if op_a == 0 else m) and ldb >= (n if op_b == 0 else k)
+    np.testing.assert_allclose((bm @ am).T, a @ b, rtol=1e-12)
 
 
 @pytest.mark.parametrize("label_dtype", list(LABEL_CTYPES))

@@ -35,6 +35,8 @@ Not delegated by the seam yet, but ready here: :func:`conv2d_relu` and
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import math
 from typing import Any
@@ -47,7 +49,7 @@ from xcnn import functional as F
 from . import FALLBACK, register
 from .cuda_sources import CTYPES, LABEL_CTYPES, cuda_source
 
-__all__ = ["WORKSPACE_BYTES", "conv2d_relu", "dense_relu"]
+__all__ = ["WORKSPACE_BYTES", "capturing", "conv2d_relu", "dense_relu"]
 
 #: Most bytes an im2col chunk may take; sized to keep cuBLAS products large
 #: (tens of thousands of columns) while peak memory stays far below the input's 9x.
@@ -70,6 +72,92 @@ def _launch(name: str, dtype: str, total: int, args: tuple, label_dtype: str = "
         return
     blocks = min(-(-total // _THREADS), _MAX_BLOCKS)
     _kernel(name, dtype, label_dtype)((blocks,), (_THREADS,), args)
+
+
+# ----------------------------------------------------------------------------- GEMM
+# CuPy refuses every cuBLAS call while a stream is capturing (its cublas.setStream
+# raises NotImplementedError), so a CUDA graph of a training step could hold no
+# matrix product. While :func:`capturing` is active, the products here call cuBLAS
+# directly (ctypes, the same library and handle CuPy loaded), with the handle's
+# stream set to the capture stream before the capture begins.
+_CAPTURE: dict[str, Any] = {"stream": None}
+_ONE = {"float32": ctypes.c_float(1.0), "float64": ctypes.c_double(1.0)}
+_ZERO = {"float32": ctypes.c_float(0.0), "float64": ctypes.c_double(0.0)}
+
+
+@contextlib.contextmanager
+def capturing(stream: Any) -> Any:
+    """Inside ``with``: matrix products of this kernel set are capturable on ``stream``."""
+    from cupy_backends.cuda.libs import cublas
+
+    handle = cupy.cuda.device.get_cublas_handle()
+    cublas.setStream(handle, stream.ptr)
+    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+    _CAPTURE["stream"] = stream
+    try:
+        yield
+    finally:
+        _CAPTURE["stream"] = None
+
+
+@functools.cache
+def _cublas_lib() -> Any:
+    """The libcublas CuPy loaded (found in this process's memory map)."""
+    with open("/proc/self/maps") as f:
+        paths = {line.split()[-1] for line in f if "libcublas.so" in line}
+    paths = {p for p in paths if "libcublasLt" not in p}
+    if not paths:
+        raise RuntimeError("libcublas is not loaded in this process")
+    lib = ctypes.CDLL(sorted(paths)[0])
+    for name in ("cublasSgemm_v2", "cublasDgemm_v2"):
+        func = getattr(lib, name)
+        func.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 2
+        func.argtypes += [ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 2
+        func.argtypes += [ctypes.c_int]
+        func.restype = ctypes.c_int
+    return lib
+
+
+def _operand(a: Any) -> tuple[Any, int, int]:
+    """``a`` (rows, cols) as cuBLAS sees it: (array, 0 = row-major / 1 = column-major, ld)."""
+    item = a.itemsize
+    if min(a.shape) > 1:
+        if a.strides[1] == item and a.strides[0] >= a.shape[1] * item:
+            return a, 0, a.strides[0] // item
+        if a.strides[0] == item and a.strides[1] >= a.shape[0] * item:
+            return a, 1, a.strides[1] // item
+    a = cupy.ascontiguousarray(a)
+    return a, 0, max(1, a.shape[1])
+
+
+def _gemm_captured(a: Any, b: Any) -> Any:
+    """Row-major ``a (M, K) @ b (K, N)`` through cuBLAS directly (capture-safe)."""
+    dtype = str(a.dtype)
+    (m, k), n = a.shape, b.shape[1]
+    c = cupy.empty((m, n), dtype=a.dtype)
+    if c.size == 0 or k == 0:
+        return cupy.zeros((m, n), dtype=a.dtype)
+    a, op_a, lda = _operand(a)
+    b, op_b, ldb = _operand(b)
+    # Column-major C^T (N, M) = B^T (N, K) @ A^T (K, M); a row-major operand is already
+    # its transpose in column-major terms (op N), a column-major one needs op T.
+    gemm = getattr(_cublas_lib(), "cublasSgemm_v2" if dtype == "float32" else "cublasDgemm_v2")
+    handle = cupy.cuda.device.get_cublas_handle()
+    one, zero = ctypes.byref(_ONE[dtype]), ctypes.byref(_ZERO[dtype])
+    status = gemm(handle, op_b, op_a, n, m, k, one, b.data.ptr, ldb, a.data.ptr, lda, zero,
+                  c.data.ptr, n)  # fmt: skip
+    if status != 0:
+        raise RuntimeError(f"cuBLAS gemm failed with status {status}")
+    return c
+
+
+def _matmul(a: Any, b: Any) -> Any:
+    """``a @ b``: cupy.matmul, or during capture the direct cuBLAS call (2-D only)."""
+    if _CAPTURE["stream"] is None:
+        return cupy.matmul(a, b)
+    if a.ndim != 2 or b.ndim != 2:
+        raise NotImplementedError("only 2-D products are capturable")
+    return _gemm_captured(a, b)
 
 
 def _float_dtype(*arrays: Any) -> str | None:
@@ -136,7 +224,7 @@ def _conv_forward(x: Any, w: Any, b: Any, stride: int, padding: Any, relu: bool)
         nc = min(step, n - n0)
         col = buf[: ck * nc * p].reshape(ck, nc * p)  # (C*KH*KW, NC*OH*OW)
         _im2col(x, col, dtype, n0, nc, geo, stride)
-        yt = cupy.matmul(w2, col)  # (F, NC*OH*OW)
+        yt = _matmul(w2, col)  # (F, NC*OH*OW)
         total = nc * f * p
         args = (yt, b if b is not None else yt, y, mask if relu else y, _i64(total))
         args += (_i32(n0), _i32(nc), _i32(f), _i32(p), _i32(b is not None), _i32(relu))
@@ -201,9 +289,9 @@ def conv2d_backward(
         _launch("xcnn_nfp_to_fnp", dtype, dyt.size, args)
         col = buf[: ck * nc * p].reshape(ck, nc * p)  # (C*KH*KW, NC*OH*OW)
         _im2col(x, col, dtype, n0, nc, geo, stride)
-        dw += cupy.matmul(dyt, col.T)  # (F, C*KH*KW), chunks added in a fixed order
+        dw += _matmul(dyt, col.T)  # (F, C*KH*KW), chunks added in a fixed order
         if need_dx:
-            dcol = cupy.matmul(w2t, dyt)  # (C*KH*KW, NC*OH*OW)
+            dcol = _matmul(w2t, dyt)  # (C*KH*KW, NC*OH*OW)
             total = nc * c * h * wd
             _, _, _, _, _, _, _, pt, pl, _, _ = geo
             args = (dcol, dx, _i64(total), _i32(n0), _i32(nc), _i32(c), _i32(h), _i32(wd))
@@ -289,6 +377,30 @@ def relu_backward(dy: Any, mask: Any) -> Any:
     return dx
 
 
+@register(_LIB, "dense")
+def dense(x: Any, w: Any, b: Any | None = None) -> Any:
+    """``x @ w + b`` (the bias in one pass); capturable in a CUDA graph."""
+    dtype = _float_dtype(x, w, b)
+    if dtype is None or x.ndim != 2 or w.ndim != 2:
+        return FALLBACK
+    z = _matmul(x, w)  # (N, O)
+    if b is None:
+        return z
+    y = cupy.empty_like(z)
+    args = (z, _cont(b), y, y, _i64(z.size), _i32(z.shape[1]), _i32(0))
+    _launch("xcnn_rows_bias_act", dtype, z.size, args)
+    return y
+
+
+@register(_LIB, "dense_backward")
+def dense_backward(dy: Any, x: Any, w: Any) -> Any:
+    """``(dy @ w^T, x^T @ dy, sum_n dy)``; capturable in a CUDA graph."""
+    dtype = _float_dtype(dy, x, w)
+    if dtype is None or dy.ndim != 2 or x.ndim != 2 or w.ndim != 2:
+        return FALLBACK
+    return _matmul(dy, w.T), _matmul(x.T, dy), cupy.sum(dy, axis=0)
+
+
 def dense_relu(x: Any, w: Any, b: Any | None = None) -> Any:
     """``relu(x @ w + b)`` with the bias and ReLU in one pass after cuBLAS: ``(y, mask)``.
 
@@ -297,7 +409,7 @@ def dense_relu(x: Any, w: Any, b: Any | None = None) -> Any:
     dtype = _float_dtype(x, w, b)
     if dtype is None or b is None or x.ndim != 2:
         return FALLBACK
-    z = cupy.matmul(x, w)  # (N, O)
+    z = _matmul(x, w)  # (N, O)
     y, mask = cupy.empty_like(z), cupy.empty(z.shape, dtype=cupy.bool_)
     args = (z, _cont(b), y, mask, _i64(z.size), _i32(z.shape[1]), _i32(1))
     _launch("xcnn_rows_bias_act", dtype, z.size, args)
