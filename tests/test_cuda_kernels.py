@@ -485,3 +485,36 @@ def test_pool_index_math(k, s) -> None:
             acc = acc + np.where(hit, dy.reshape(-1)[o], 0)
     ref = _generic("max_pool2d_backward")(dy, mask, x.shape, k, s)
     np.testing.assert_allclose(acc.reshape(x.shape), ref, rtol=1e-13, atol=1e-13)
+
+
+# ----------------------------------------------------------------------------- graphs (CPU)
+def test_training_step_is_the_eager_step_off_cupy(monkeypatch) -> None:
+    """Off CuPy (or with graphs off) training_step is exactly fit's eager step."""
+    import xcnn
+    from xcnn import cuda_graph
+
+    monkeypatch.setenv("XCNN_CUDA_GRAPHS", "1")
+    assert cuda_graph.graphs_enabled()
+    monkeypatch.setenv("XCNN_CUDA_GRAPHS", "0")
+    assert not cuda_graph.graphs_enabled()
+    rng = np.random.default_rng(14)
+    x, y = rng.random((8, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, size=8)
+
+    def run(use_step: bool) -> dict:
+        model = xcnn.models.build_model("seed", seed=3)
+        opt = xcnn.SGD(model, 0.1, momentum=0.9)
+        step = cuda_graph.training_step(model, opt, graphs=True)
+        assert not isinstance(step, cuda_graph.GraphStep)  # NumPy: never a graph
+        for _ in range(3):
+            if use_step:
+                loss, logits = step(x, y)
+                assert logits.shape == (8, 10) and np.ndim(loss) == 0
+            else:
+                logits = model.forward(x, train=True)
+                _, d = xcnn.softmax_cross_entropy(logits, y, check=False)
+                model.backward(d, input_grad=False)
+                opt.step()
+        return model.state_dict()
+
+    a, b = run(True), run(False)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

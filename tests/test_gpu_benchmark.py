@@ -105,5 +105,5 @@ def test_gpu_run_script_dry_run(tmp_path: Path) -> None:
     text = res.stdout
     assert "XCNN_REQUIRE_CUPY=1" in text and "XCNN_CUDA_KERNELS=1" in text
     assert "pip install" in text and "--no-index" in text
-    assert "python -m benchmarks.throughput --device gpu" in text
+    assert "-m benchmarks.throughput --device gpu --quick --nets seed,lenet" in text
     assert (out / "plan.txt").exists()
