@@ -18,6 +18,7 @@ What needs a GPU is in tests/test_cuda_gpu.py.
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import subprocess
 from typing import Any
@@ -332,55 +333,69 @@ def test_softmax_cross_entropy_matches_generic(host, dtype, label_dtype) -> None
     assert bad is FALLBACK
 
 
-def _updates_reference():
-    """The updates as the seam's docstring defines them (xcnn.updates when present)."""
+def _generic_updates():
+    """The generic updates: xcnn.updates (the seam) or, before it, the same expressions.
+
+    Written with Python-float hyperparameters, as the generic code is, so NumPy
+    rounds every operation in the array's dtype (NEP 50) like CuPy's kernels do.
+    """
     try:
         from xcnn import updates
     except ImportError:
         updates = None
-    return updates
+    if updates is not None:
+        return tuple(getattr(f, "generic", f) for f in (
+            updates.sgd_update, updates.momentum_update, updates.adam_update
+        ))  # fmt: skip
+
+    def sgd(p, g, *, lr, weight_decay=0.0):
+        return p - lr * (g + weight_decay * p) if weight_decay else p - lr * g
+
+    def momentum(p, g, velocity, *, lr, momentum, weight_decay=0.0):
+        v = g if velocity is None else momentum * velocity + g
+        return (p - lr * (v + weight_decay * p) if weight_decay else p - lr * v), v
+
+    def adam(p, g, m, v, *, lr, step, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+        b1, b2 = beta1, beta2
+        m = (1 - b1) * g if m is None else b1 * m + (1 - b1) * g
+        v = (1 - b2) * g * g if v is None else b2 * v + (1 - b2) * g * g
+        size = lr * math.sqrt(1 - b2**step) / (1 - b1**step)
+        eps_hat = eps * math.sqrt(1 - b2**step)
+        upd = size * m / (np.sqrt(v) + eps_hat)
+        return (p - (upd + (lr * weight_decay) * p) if weight_decay else p - upd), m, v
+
+    return sgd, momentum, adam
 
 
 @pytest.mark.parametrize("dtype", list(CTYPES))
 @pytest.mark.parametrize("wd", [0.0, 0.01])
-def test_updates_match_their_formulas(host, dtype, wd) -> None:
+def test_updates_match_generic_bit_for_bit(host, dtype, wd) -> None:
+    """Each product rounded on its own (mul_rn): the same bits as the generic updates."""
+    sgd, momentum, adam = _generic_updates()
     rng = np.random.default_rng(7)
     p, g, v0, m0 = (rng.standard_normal((3, 4)).astype(dtype) for _ in range(4))
     v0 = np.abs(v0)
     lr, mu = 0.05, 0.9
-    t = np.dtype(dtype).type
-    out = host.sgd_update(p, g, lr=lr, weight_decay=wd)
-    assert _rel(out, p - t(lr * wd) * p - t(lr) * g) < TOL[dtype]
+    np.testing.assert_array_equal(
+        host.sgd_update(p, g, lr=lr, weight_decay=wd), sgd(p, g, lr=lr, weight_decay=wd)
+    )
     for vel in (None, v0):
-        p1, v1 = host.momentum_update(p, g, vel, lr=lr, momentum=mu, weight_decay=wd)
-        rv = g if vel is None else t(mu) * vel + g
-        assert _rel(v1, rv) < TOL[dtype]
-        assert _rel(p1, p - t(lr * wd) * p - t(lr) * rv) < TOL[dtype]
-    b1, b2, eps = 0.9, 0.999, 1e-8
+        mine = host.momentum_update(p, g, vel, lr=lr, momentum=mu, weight_decay=wd)
+        ref = momentum(p, g, vel, lr=lr, momentum=mu, weight_decay=wd)
+        for a, r in zip(mine, ref, strict=True):
+            np.testing.assert_array_equal(a, r)
     for m, v, step in ((None, None, 1), (m0, v0, 5)):
-        p2, m2, v2 = host.adam_update(p, g, m, v, lr=lr, step=step, weight_decay=wd)
-        rm = (1 - b1) * g if m is None else b1 * m + (1 - b1) * g
-        rv = (1 - b2) * g * g if v is None else b2 * v + (1 - b2) * g * g
-        size = lr * np.sqrt(1 - b2**step) / (1 - b1**step)
-        rp = p - lr * wd * p - size * rm / (np.sqrt(rv) + eps * np.sqrt(1 - b2**step))
-        assert _rel(m2, rm) < TOL[dtype] and _rel(v2, rv) < TOL[dtype]
-        assert _rel(p2, rp) < 10 * TOL[dtype]
-    updates = _updates_reference()
-    if updates is not None:  # the generic updates, once the seam's module exists
-        gen = getattr(updates.sgd_update, "generic", updates.sgd_update)
-        assert _rel(out, gen(p, g, lr=lr, weight_decay=wd)) < TOL[dtype]
-        gen = getattr(updates.momentum_update, "generic", updates.momentum_update)
-        ref = gen(p, g, v0, lr=lr, momentum=mu, weight_decay=wd)
-        mine = host.momentum_update(p, g, v0, lr=lr, momentum=mu, weight_decay=wd)
-        assert all(_rel(a, r) < TOL[dtype] for a, r in zip(mine, ref, strict=True))
-        gen = getattr(updates.adam_update, "generic", updates.adam_update)
-        ref = gen(p, g, m0, v0, lr=lr, step=5, weight_decay=wd)
-        mine = host.adam_update(p, g, m0, v0, lr=lr, step=5, weight_decay=wd)
-        assert all(_rel(a, r) < 10 * TOL[dtype] for a, r in zip(mine, ref, strict=True))
+        mine = host.adam_update(p, g, m, v, lr=lr, step=step, weight_decay=wd)
+        ref = adam(p, g, m, v, lr=lr, step=step, weight_decay=wd)
+        for a, r in zip(mine, ref, strict=True):
+            assert a.dtype == r.dtype
+            np.testing.assert_array_equal(a, r)
 
 
 def test_update_checker_can_fail(host, monkeypatch) -> None:
-    wrong = SOURCES["xcnn_sgd"].replace("- mul_rn(lr, g[idx])", "+ mul_rn(lr, g[idx])")
+    right = "out[idx] = pi - mul_rn(lr, gi);"
+    assert right in SOURCES["xcnn_sgd"]
+    wrong = SOURCES["xcnn_sgd"].replace(right, "out[idx] = pi + mul_rn(lr, gi);")
     monkeypatch.setitem(SOURCES, "xcnn_sgd", wrong)
     host._kernel.cache_clear()
     try:

@@ -260,38 +260,42 @@ extern "C" __global__ void xcnn_softmax_xent(
 """
 
 _SGD = r"""
-// p <- p - lr*wd*p - lr*g, each product rounded on its own (as separate CuPy kernels).
-extern "C" __global__ void xcnn_sgd(const T* p, const T* g, T* out, long long total, T lr, T lrwd)
+// p <- p - lr * (g + wd * p) (the wd term only with has_wd), each product rounded on its
+// own: exactly the generic update's separate CuPy kernels.
+extern "C" __global__ void xcnn_sgd(
+    const T* p, const T* g, T* out, long long total, T lr, T wd, int has_wd)
 {
     XCNN_LOOP(idx, total) {
         const T pi = p[idx];
-        out[idx] = (pi - mul_rn(lrwd, pi)) - mul_rn(lr, g[idx]);
+        const T gi = has_wd ? g[idx] + mul_rn(wd, pi) : g[idx];
+        out[idx] = pi - mul_rn(lr, gi);
     }
 }
 """
 
 _MOMENTUM = r"""
-// v <- mu*v + g (v = g on the first step, has_v == 0); p <- p - lr*wd*p - lr*v.
+// v <- mu*v + g (v = g on the first step, has_v == 0); p <- p - lr * (v + wd * p).
 extern "C" __global__ void xcnn_momentum(
     const T* p, const T* g, const T* v, T* p_out, T* v_out, long long total, T lr, T mu,
-    T lrwd, int has_v)
+    T wd, int has_v, int has_wd)
 {
     XCNN_LOOP(idx, total) {
         const T vi = has_v ? mul_rn(mu, v[idx]) + g[idx] : g[idx];
         const T pi = p[idx];
         v_out[idx] = vi;
-        p_out[idx] = (pi - mul_rn(lrwd, pi)) - mul_rn(lr, vi);
+        p_out[idx] = pi - mul_rn(lr, has_wd ? vi + mul_rn(wd, pi) : vi);
     }
 }
 """
 
 _ADAM = r"""
-// m <- b1*m + (1-b1)*g, v <- b2*v + (1-b2)*g^2 (zeros before the first step, has_mv == 0);
-// p <- p - lr*wd*p - step_size * m / (sqrt(v) + eps_hat), the bias corrections folded
-// into step_size and eps_hat on the host.
+// m <- b1*m + (1-b1)*g, v <- b2*v + (1-b2)*g^2 (from zeros on the first step, has_mv == 0);
+// p <- p - (step_size * m / (sqrt(v) + eps_hat) + lr*wd * p), the bias corrections folded
+// into step_size and eps_hat on the host (the generic update's order of operations).
 extern "C" __global__ void xcnn_adam(
     const T* p, const T* g, const T* m, const T* v, T* p_out, T* m_out, T* v_out,
-    long long total, T b1, T c1, T b2, T c2, T step_size, T eps_hat, T lrwd, int has_mv)
+    long long total, T b1, T c1, T b2, T c2, T step_size, T eps_hat, T lrwd, int has_mv,
+    int has_wd)
 {
     XCNN_LOOP(idx, total) {
         const T gi = g[idx];
@@ -301,7 +305,9 @@ extern "C" __global__ void xcnn_adam(
         const T pi = p[idx];
         m_out[idx] = mi;
         v_out[idx] = vi;
-        p_out[idx] = (pi - mul_rn(lrwd, pi)) - mul_rn(step_size, mi) / (sqrt(vi) + eps_hat);
+        T upd = mul_rn(step_size, mi) / (sqrt(vi) + eps_hat);
+        if (has_wd) upd = upd + mul_rn(lrwd, pi);
+        p_out[idx] = pi - upd;
     }
 }
 """

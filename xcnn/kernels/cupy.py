@@ -445,7 +445,7 @@ def sgd_update(p: Any, g: Any, *, lr: float, weight_decay: float = 0.0) -> Any:
         return FALLBACK
     out = cupy.empty(p.shape, dtype=p.dtype)
     t = lambda v: _scalar(dtype, v)  # noqa: E731
-    args = (_cont(p), _cont(g), out, _i64(p.size), t(lr), t(lr * weight_decay))
+    args = (_cont(p), _cont(g), out, _i64(p.size), t(lr), t(weight_decay), _i32(weight_decay != 0))
     _launch("xcnn_sgd", dtype, p.size, args)
     return out
 
@@ -461,7 +461,8 @@ def momentum_update(
     v_in = g if velocity is None else _cont(velocity)
     t = lambda v: _scalar(dtype, v)  # noqa: E731
     args = (_cont(p), _cont(g), v_in, p_out, v_out, _i64(p.size))
-    args += (t(lr), t(momentum), t(lr * weight_decay), _i32(velocity is not None))
+    args += (t(lr), t(momentum), t(weight_decay), _i32(velocity is not None))
+    args += (_i32(weight_decay != 0),)
     _launch("xcnn_momentum", dtype, p.size, args)
     return p_out, v_out
 
@@ -493,6 +494,6 @@ def adam_update(
     m_in, v_in = (g, g) if m is None else (_cont(m), _cont(v))
     args = (_cont(p), _cont(g), m_in, v_in, *outs, _i64(p.size))
     args += (t(beta1), t(1 - beta1), t(beta2), t(1 - beta2), t(step_size), t(eps_hat))
-    args += (t(lr * weight_decay), _i32(m is not None))
+    args += (t(lr * weight_decay), _i32(m is not None), _i32(weight_decay != 0))
     _launch("xcnn_adam", dtype, p.size, args)
     return tuple(outs)
