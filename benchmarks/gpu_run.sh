@@ -63,6 +63,10 @@ echo "+ $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir -
 export PYTHONPATH="$ROOT:$SITE"
 export PATH="$SITE/bin:$PATH"
 export PYTHONUNBUFFERED=1
+# JAX (installed there, with its CUDA plugin) would take 75% of the GPU's memory at
+# its first import inside the test process; the suite means it to run on the CPU.
+export JAX_PLATFORMS=cpu XLA_PYTHON_CLIENT_PREALLOCATE=false
+echo "+ export JAX_PLATFORMS=cpu XLA_PYTHON_CLIENT_PREALLOCATE=false" | tee -a "$PLAN"
 if [[ $DRY == 0 ]]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$SITE" .whl/*.whl >"$OUT/env.txt" 2>&1 || echo "pip install failed" >>"$OUT/env.txt"

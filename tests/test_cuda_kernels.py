@@ -150,6 +150,22 @@ def test_registers_exactly_the_seam_ops(host) -> None:
         "adam_update",
     }
     assert set(host.registered) == expected
+    # Exactly the generic signatures (the seam checks this too, but only on a GPU).
+    import xcnn.kernels as seam
+
+    try:
+        from xcnn import updates
+    except ImportError:
+        updates = None
+    checked = 0
+    for op, func in host.registered.items():
+        generic = getattr(F, op, None) or getattr(updates, op, None)
+        generic = getattr(generic, "generic", None)  # only delegated ops have one
+        if generic is not None:
+            assert seam._signature(func) == seam._signature(generic), op
+            checked += 1
+    if SEAM_CONV:  # with the seam every registered op is a delegated one
+        assert checked == len(expected)
 
 
 CONV_CASES = [

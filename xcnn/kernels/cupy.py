@@ -27,7 +27,12 @@ with their index conventions, are in :mod:`xcnn.kernels.cuda_sources`):
   a bool mask (which the generic forward made).
 - **ReLU** writes ``y`` and its mask in one pass; **softmax cross-entropy**
   computes the log-sum-exp, the loss terms and ``dlogits`` in one pass per row.
-- **SGD / momentum / Adam**: one element-wise kernel per parameter.
+- **Dense** layers: the product in cuBLAS, the bias in one pass.
+- **SGD / momentum / Adam**: one element-wise kernel per parameter, with the
+  generic update's order of operations and every product rounded on its own
+  (no fused multiply-add), so they compute the generic update's bits.
+- **Capture**: while :func:`capturing` is on (``xcnn.cuda_graph``), products
+  call cuBLAS directly, because CuPy refuses cuBLAS calls during stream capture.
 
 Not delegated by the seam yet, but ready here: :func:`conv2d_relu` and
 :func:`dense_relu` (bias + ReLU fused into the pass that writes ``y``).
