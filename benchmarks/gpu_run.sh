@@ -96,7 +96,7 @@ step kernels 75 "$OUT/kernels.log" -- env XCNN_CUDA_KERNELS=1 "${PYTEST[@]}" \
   tests/test_cuda_gpu.py tests/test_cuda_kernels.py
 PAR=()
 if [[ $XDIST != 0 ]]; then PAR=(-n "$XDIST"); fi
-step suite 120 "$OUT/suite.log" -- env XCNN_CUDA_KERNELS=1 "${PYTEST[@]}" "${PAR[@]}" \
+step suite 150 "$OUT/suite.log" -- env XCNN_CUDA_KERNELS=1 "${PYTEST[@]}" "${PAR[@]}" \
   --ignore=tests/test_cuda_gpu.py --ignore=tests/test_cuda_kernels.py
 step generic 30 "$OUT/suite.log" -- env XCNN_CUDA_KERNELS=0 "${PYTEST[@]}" \
   tests/test_parity.py tests/test_layers.py tests/test_cuda_gpu.py -k "cupy or generic"
@@ -110,7 +110,7 @@ step bench 100 "$OUT/bench.log" -- env XCNN_CUDA_KERNELS=1 \
 EXTRA=$($PY -c "from benchmarks.throughput import EXTRA_NETS as E; from xcnn.models import MODELS as M
 print(','.join(n for n in E if n in M))" 2>/dev/null)
 if [[ -n "$EXTRA" ]]; then
-  step bench-extra 45 "$OUT/bench.log" -- env XCNN_CUDA_KERNELS=1 \
+  step bench-extra 40 "$OUT/bench.log" -- env XCNN_CUDA_KERNELS=1 \
     "$PY" -m benchmarks.throughput --device gpu --quick --nets "$EXTRA" \
     --results "$OUT/gpu-$DAY-extra.json"
 else
