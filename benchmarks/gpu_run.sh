@@ -16,9 +16,9 @@
 # Logs and JSON go to $OUT (at most 8 files come back from a device call):
 # plan.txt, env.txt, kernels.log, suite.log, bench.log, gpu-YYYY-MM-DD.json (seed
 # and lenet: the targets), gpu-YYYY-MM-DD-extra.json (lenet5, resnet where
-# xcnn.models has them), summary.txt. Every step has its own time limit, so one that hangs cannot eat
-# the others' time. `--dry-run` prints and saves the plan (plan.txt) and checks
-# what it can on this machine without running anything. benchmarks/README.md
+# xcnn.models has them), summary.txt. Every step has its own time limit
+# (75 + 150 + 30 + 100 + 40 s at most), so one that hangs cannot eat the others'
+# time. `--dry-run` prints and saves the plan (plan.txt) without running anything. benchmarks/README.md
 # gives the exact device-tool call and how to build .whl/.
 set -uo pipefail
 
