@@ -76,6 +76,61 @@ def xcnn_step(model: xcnn.Sequential, lr: float = 0.01) -> Callable[[Any, Any], 
     return step
 
 
+class _GraphStep:
+    """:func:`xcnn_step` through :func:`xcnn.cuda_graph.training_step` with graphs on."""
+
+    def __init__(self, model: xcnn.Sequential, lr: float) -> None:
+        from xcnn import cuda_graph
+
+        self.step = cuda_graph.training_step(model, xcnn.SGD(model, lr), graphs=True)
+
+    @property
+    def graph_reason(self) -> str | None:
+        """Why the step runs eagerly (None: it replays graphs; "" off the GPU)."""
+        return getattr(self.step, "reason", "not on CuPy: the eager step")
+
+    def __call__(self, x: Any, y: Any) -> Any:
+        return self.step(x, y)[0]
+
+
+def xcnn_graph_step(model: xcnn.Sequential, lr: float = 0.01) -> Callable[[Any, Any], Any]:
+    """The same SGD step as :func:`xcnn_step`, captured as a CUDA graph where it can be."""
+    return _GraphStep(model, lr)
+
+
+def has_torch_twin(name: str) -> bool:
+    """Whether benchmarks/torch_ref.py can build the PyTorch twin of net ``name``."""
+    try:
+        torch_ref.layer_kinds(name)
+    except ValueError:
+        return False
+    return True
+
+
+def gpu_peak_in_process(framework: str, net: str, batch: int, target: Target) -> float:
+    """Peak device memory (MiB) of 3 training steps, measured in this process.
+
+    Each framework's caching allocator is measured on its own (CuPy's default
+    pool, PyTorch's reserved bytes), so both can share one process; the data and
+    the model are built first and are not counted.
+    """
+    x, y = make_data(batch)
+    model = build_xcnn(net, target.xcnn_backend)
+    if framework == "xcnn":
+        xd, yd = model.asarray(x), model.asarray(y)
+        return _gpu_peak("xcnn", xcnn_step(model), xd, yd, syncs(target, model)[0])
+    import torch
+
+    set_torch_mode("fp32")
+    module = build_torch(net, model, target.torch_device)
+    xd = torch.as_tensor(x, device=target.torch_device)
+    yd = torch.as_tensor(y, device=target.torch_device)
+    peak = _gpu_peak("torch", torch_step(module), xd, yd, syncs(target)[1])
+    del module, xd, yd
+    torch.cuda.empty_cache()
+    return peak
+
+
 def torch_step(module: Any, lr: float = 0.01) -> Callable[[Any, Any], Any]:
     """The same step in PyTorch (``torch.optim.SGD``, mean cross-entropy)."""
     return torch_ref.train_step_fn(module, "sgd", lr)
@@ -494,6 +549,8 @@ def environment(target: Target) -> dict[str, Any]:
         env["gpu"] = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
         env["cupy"] = cupy.__version__
         env["cuda_runtime"] = cupy.cuda.runtime.runtimeGetVersion()
+    env["cuda_kernels"] = os.environ.get("XCNN_CUDA_KERNELS", "0")
+    env["cuda_graphs"] = os.environ.get("XCNN_CUDA_GRAPHS", "0")
     return env
 
 
