@@ -134,7 +134,9 @@ def _from_tar(path: Path) -> Splits:
     except (tarfile.TarError, EOFError, OSError) as e:
         if isinstance(e, FileNotFoundError):
             raise
-        raise DataError(f"{name}: corrupt or unreadable archive ({type(e).__name__}: {e})") from None
+        raise DataError(
+            f"{name}: corrupt or unreadable archive ({type(e).__name__}: {e})"
+        ) from None
 
 
 def _reorder(out: list[np.ndarray], members: dict, name: str) -> Splits:

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from . import datasets, io
+from . import datasets, images, io
+from .augment import parse_augment
 from .backend import BackendError
 from .models import MODELS, RECIPES, Recipe, build_model
 from .optim import OPTIMIZERS, make_optimizer
@@ -88,6 +89,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _augment_spec(text: str) -> str:
+    try:
+        return parse_augment(text).spec()
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _device(text: str | None) -> Any:
     """``"1"`` -> 1 (a CUDA index); other names (e.g. ``"device1"``) as given."""
     if text is None:
@@ -110,8 +118,16 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
 def _add_data(p: argparse.ArgumentParser, default_note: str) -> None:
     p.add_argument(
         "--data",
-        help="sample (embedded MNIST subset), mnist, fashion-mnist, or a directory holding "
-        f"the four MNIST-format IDX files (default: {default_note})",
+        help="sample (embedded MNIST subset), mnist, fashion-mnist, cifar-10, a directory "
+        "(the four MNIST-format IDX files, or a folder of pictures: <class>/*.png or "
+        "train/<class>/* and test/<class>/*), or an .npz of x_train, y_train, x_test, y_test "
+        f"(default: {default_note})",
+    )
+    p.add_argument(
+        "--image-size",
+        type=_count(1),
+        metavar="N",
+        help="resize a folder's pictures to NxN (default: they must all be one size)",
     )
     p.add_argument(
         "--test-size",
@@ -169,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--seed", type=int, help="seed of initial weights and shuffling (default: 0)")
     t.add_argument(
+        "--augment",
+        type=_augment_spec,
+        metavar="LIST",
+        help="augment training batches on the device: shift[=PIXELS] (default 2), "
+        "rotate[=DEGREES] (default 10), flip (not for digits), comma-separated",
+    )
+    t.add_argument(
         "--save", metavar="PATH", help="write a checkpoint here after every epoch (atomically)"
     )
     t.add_argument(
@@ -201,14 +224,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "predict",
-        help="classify 28x28 images (PNG or .npy)",
-        description="Print the most likely class and its probability for each image. Images are "
-        "28x28 grayscale, white digit on black as in MNIST: PNG (needs Pillow) or .npy "
-        "holding uint8 0..255 or floats 0..1.",
+        help="classify pictures (PNG, JPEG, ... or .npy)",
+        description="Print the most likely class and its probability for each picture, of any "
+        "size or mode (PNG/JPEG/BMP need Pillow; .npy holds uint8 0..255 or floats 0..1). For "
+        "MNIST-shaped models the digit is centred as MNIST was made and a dark-on-light "
+        "picture is inverted (with a note); other models get a plain resize.",
     )
     p.add_argument("checkpoint", metavar="PATH", help="checkpoint written by 'xcnn train --save'")
     p.add_argument("files", metavar="FILE", nargs="+", help="PNG or .npy images")
-    p.add_argument("--invert", action="store_true", help="invert images (for black on white)")
+    p.add_argument(
+        "--invert",
+        action=argparse.BooleanOptionalAction,
+        help="invert (or --no-invert: never) the pictures; default: detect dark-on-light "
+        "pictures for digit models",
+    )
     _add_backend(p)
     p.add_argument("--json", action="store_true", help="print the predictions as JSON (last line)")
     p.set_defaults(func=_predict)
@@ -274,9 +303,14 @@ def _emit_json(obj: dict[str, Any]) -> None:
 # -- data -----------------------------------------------------------------------
 
 
-def _load_data(name: str, progress: bool) -> datasets.Splits:
-    """``datasets.load``; ``progress`` is for downloads (the embedded sample takes no options)."""
-    return datasets.load(name) if name == "sample" else datasets.load(name, progress=progress)
+def _load_data(name: str, progress: bool, size: int | None = None) -> datasets.Splits:
+    """``datasets.load_data``; ``progress`` is for downloads, ``size`` for picture folders."""
+    return datasets.load_data(name, progress=progress, size=size)
+
+
+def _classes(model: Any, extra: dict[str, Any]) -> list[str] | None:
+    """Class names of a loaded model (``model.classes``, else the checkpoint's extra)."""
+    return getattr(model, "classes", None) or extra.get("classes")
 
 
 def _first(x: np.ndarray, n: int | None, option: str, what: str) -> np.ndarray:
@@ -315,12 +349,19 @@ def _recipe(name: str, opt_name: str) -> Recipe:
     return recipe
 
 
-def _fresh_start(args: argparse.Namespace) -> _Start:
+def _fresh_start(args: argparse.Namespace, splits: datasets.Splits) -> _Start:
     name = args.model or "seed"
     seed = 0 if args.seed is None else args.seed
     opt_name = args.optimizer or RECIPES[name].optimizer
     recipe = _recipe(name, opt_name)
-    model = build_model(name, backend=args.backend, device=_device(args.device), seed=seed)
+    shape = datasets.describe(splits)
+    # The named nets adapt to the data (contract 1); MNIST's shape needs no arguments.
+    fit_data = {} if shape == {"input_shape": (1, 28, 28), "num_classes": 10} else shape
+    model = build_model(
+        name, backend=args.backend, device=_device(args.device), seed=seed, **fit_data
+    )
+    if splits.classes is not None:
+        model.classes = list(splits.classes)
     optimizer = make_optimizer(opt_name, model, recipe.lr if args.lr is None else args.lr)
     return _Start(name, model, optimizer, opt_name, np.random.default_rng(seed), seed, recipe)
 
@@ -359,23 +400,26 @@ def _train(args: argparse.Namespace) -> int:
     if args.save and not Path(args.save).resolve().parent.is_dir():
         # Fail now, not after the first epoch's work.
         raise FileNotFoundError(2, "No such directory", str(Path(args.save).parent))
-    start = _resumed_start(args) if args.resume else _fresh_start(args)
+    resumed = _resumed_start(args) if args.resume else None
+    previous = resumed.previous if resumed else {}
+    data = args.data or previous.get("data", "sample")
+    image_size = args.image_size or previous.get("image_size")
+    progress = not args.no_progress and sys.stderr.isatty()
+    splits = _load_data(data, progress, image_size)
+    start = resumed or _fresh_start(args, splits)
     model, optimizer, recipe, history = start.model, start.optimizer, start.recipe, start.history
 
     def setting(key: str, given: Any, default: Any) -> Any:
         # Explicit option > the resumed run's setting > the recipe.
         return given if given is not None else start.previous.get(key, default)
 
-    data = setting("data", args.data, "sample")
     train_size = setting("train_size", args.train_size, None)
     test_size = setting("test_size", args.test_size, None)
     batch_size = setting("batch_size", args.batch_size, recipe.batch_size)
     scale = setting("scale", args.scale, recipe.scale)
     lr_decay = setting("lr_decay", args.lr_decay, recipe.lr_decay)
     epochs = args.epochs if args.epochs is not None else recipe.epochs
-
-    progress = not args.no_progress and sys.stderr.isatty()
-    splits = _load_data(data, progress)
+    augment = setting("augment", args.augment, None)
     x_train = _first(splits.x_train, train_size, "--train-size", f"training images of {data}")
     y_train = splits.y_train[: len(x_train)]
     x_test = _first(splits.x_test, test_size, "--test-size", f"test images of {data}")
@@ -385,7 +429,12 @@ def _train(args: argparse.Namespace) -> int:
         "model": start.name, "data": data, "train_size": train_size, "test_size": test_size,
         "batch_size": batch_size, "optimizer": start.opt_name, "lr": optimizer.lr,
         "lr_decay": lr_decay, "scale": scale, "seed": start.seed, "backend": model.backend.name,
+        "augment": augment, "image_size": image_size,
+        "classes": _classes(model, start.previous),
+        "input_shape": list(splits.x_train.shape[1:]),
     }  # fmt: skip
+    if settings["classes"] is not None:
+        model.classes = settings["classes"]
     decay = f" (x{lr_decay:g} per epoch)" if lr_decay != 1 else ""
     resumed = f" from epoch {start.start_epoch}" if start.start_epoch else ""
     print(
@@ -407,7 +456,8 @@ def _train(args: argparse.Namespace) -> int:
             flush=True,
         )
         if args.save:
-            extra = {"scale": scale, "train": settings, "history": history}
+            extra = {"scale": scale, "train": settings, "history": history,
+                     "classes": settings["classes"]}  # fmt: skip
             io.save(model, args.save, optimizer, epoch=epoch, rng=start.rng, extra=extra)
 
     run = fit(
@@ -424,6 +474,7 @@ def _train(args: argparse.Namespace) -> int:
         start_epoch=start.start_epoch,
         progress=progress,
         callback=on_epoch,
+        augment=parse_augment(augment) if augment else None,
     )
     result = evaluate(model, x_test, y_test, scale=scale)
     seconds = float(sum(run["seconds"]))
@@ -469,7 +520,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     ck = io.load_checkpoint(args.checkpoint, backend=args.backend, device=_device(args.device))
     trained = ck.extra.get("train", {})
     data = args.data or trained.get("data", "sample")
-    splits = _load_data(data, sys.stderr.isatty())
+    splits = _load_data(data, sys.stderr.isatty(), args.image_size or trained.get("image_size"))
     x = _first(splits.x_test, args.test_size, "--test-size", f"test images of {data}")
     y = splits.y_test[: len(x)]
     scale = ck.extra.get("scale", "centered")
@@ -479,6 +530,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     name = trained.get("model", "model")
     print(f"{args.checkpoint}: {name}, epoch {ck.epoch}, on {data} ({len(x)} test images)")
     print(f"test accuracy: {result['accuracy']:.2%}, loss {result['loss']:.4f} ({seconds:.1f} s)")
+    classes = _classes(ck.model, ck.extra)
+    if classes:
+        print("classes: " + ", ".join(f"{i} {c}" for i, c in enumerate(classes)))
     print("confusion matrix (rows: true class, columns: predicted):")
     print(_format_confusion(result["confusion"]))
     if args.json:
@@ -504,74 +558,33 @@ def _format_confusion(confusion: np.ndarray) -> str:
     return "\n".join(lines)
 
 
-# -- images ----------------------------------------------------------------------------
-
-
-def _read_image(path: str) -> np.ndarray:
-    """A 2-D grayscale image from a PNG (or any format Pillow reads) or a .npy file.
-
-    Returns uint8 0..255 (integers) or float 0..1 (floats), singleton axes removed.
-    """
-    if Path(path).suffix.lower() == ".npy":
-        if not Path(path).is_file():
-            raise FileNotFoundError(2, "No such file or directory", path)
-        try:
-            image = np.load(path, allow_pickle=False)
-        except (ValueError, EOFError) as e:
-            raise ValueError(f"{path}: not a readable .npy array ({e})") from None
-    else:
-        try:
-            from PIL import Image
-        except ImportError:
-            raise ImportError(
-                f"{path}: reading PNG images needs Pillow: pip install 'xcnn[png]' "
-                "(or save the image as a .npy array)"
-            ) from None
-        with Image.open(path) as img:  # a missing file or unknown format is an OSError
-            image = np.asarray(img.convert("L"))
-    image = np.squeeze(image)
-    if image.ndim != 2:
-        raise ValueError(f"{path}: expected a 2-D grayscale image, got shape {image.shape}")
-    if image.dtype.kind == "f":
-        if image.size and not (np.isfinite(image).all() and 0 <= image.min() and image.max() <= 1):
-            raise ValueError(f"{path}: float images must hold intensities in [0, 1]")
-    elif image.dtype.kind in "iub":
-        if image.size and (image.min() < 0 or image.max() > 255):
-            raise ValueError(f"{path}: integer images must hold intensities in 0..255")
-    else:
-        raise ValueError(f"{path}: unsupported image dtype {image.dtype}")
-    return image
-
-
-def _intensities(image: np.ndarray) -> np.ndarray:
-    """Any image from :func:`_read_image` as float64 intensities 0..255."""
-    x = image.astype(np.float64)
-    return x * 255.0 if image.dtype.kind == "f" else x
+# -- predict ---------------------------------------------------------------------------
 
 
 def _predict(args: argparse.Namespace) -> int:
     ck = io.load_checkpoint(args.checkpoint, backend=args.backend, device=_device(args.device))
-    images = []
-    for path in args.files:
-        image = _read_image(path)
-        if image.shape != (28, 28):
-            raise ValueError(
-                f"{path}: expected a 28x28 image, got {image.shape[0]}x{image.shape[1]}"
-            )
-        images.append(_intensities(image))
-    x = np.stack(images)[:, None]  # (N, 1, 28, 28)
-    if args.invert:
-        x = 255.0 - x
+    shape = getattr(ck.model, "input_shape", None) or ck.extra.get("train", {}).get(
+        "input_shape", (1, 28, 28)
+    )
+    x, notes = images.prepare_images(args.files, shape, invert=args.invert)  # (N, C, H, W) 0..1
+    for path, note in zip(args.files, notes, strict=True):
+        for line in note:
+            print(f"xcnn: note: {path}: {line}", file=sys.stderr)
     # Scaled here, as in training, so predict() takes the floats as given.
-    x = scale_images(x, ck.extra.get("scale", "centered"), np.dtype(ck.model.dtype))
+    x = scale_images(x * 255.0, ck.extra.get("scale", "centered"), np.dtype(ck.model.dtype))
     probs = predict(ck.model, x)
+    classes = _classes(ck.model, ck.extra) or [str(k) for k in range(probs.shape[1])]
     rows = []
     for path, p in zip(args.files, probs, strict=True):
         k = int(np.argmax(p))
-        rows.append({"file": path, "class": k, "probability": float(p[k])})
-        print(f"{path}: {k} ({p[k]:.1%})")
+        every = {c: float(q) for c, q in zip(classes, p, strict=True)}
+        rows.append(
+            {"file": path, "class": k, "name": classes[k], "probability": float(p[k]),
+             "probabilities": every}
+        )  # fmt: skip
+        print(f"{path}: {classes[k]} ({p[k]:.1%})")
     if args.json:
-        _emit_json({"checkpoint": args.checkpoint, "predictions": rows})
+        _emit_json({"checkpoint": args.checkpoint, "classes": classes, "predictions": rows})
     return 0
 
 
@@ -580,10 +593,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _sobel(args: argparse.Namespace) -> int:
     if args.image is not None:
-        image = _read_image(args.image)
-        if image.dtype.kind == "f":
-            image = np.round(image * 255.0)
-        image = image.astype(np.uint8)
+        grey = images.to_grayscale(images.read_image(args.image))
+        image = np.round(grey * 255.0).astype(np.uint8)
     else:
         test = datasets.sample()
         image = test.x_test[int(np.flatnonzero(test.y_test == args.digit)[0]), 0]

@@ -481,7 +481,7 @@ def _main(argv: Sequence[str] | None = None) -> None:
 
 
 # Image folders, CIFAR-10, .npz arrays and the one-``--data`` resolver (data branch, #12).
-from .sources import cifar10, image_folder, load_data, load_npz  # noqa: E402, F401
+from .sources import cifar10, describe, image_folder, load_data, load_npz  # noqa: E402, F401
 
 if __name__ == "__main__":
     _main()

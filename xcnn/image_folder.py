@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .datasets import DataError, Splits
-from .images import _GREY_MODES, MAX_PIXELS, ImageError, open_image, read_image, resize
+from .images import _GREY_MODES, MAX_PIXELS, open_image, read_image, resize
 
 __all__ = ["EXTENSIONS", "image_folder", "is_image_folder"]
 
@@ -48,7 +48,9 @@ def is_image_folder(root: str | os.PathLike[str]) -> bool:
     return any(_images_in(base / c) for c in _classes(base))
 
 
-def _scan(folder: Path, classes: Sequence[str] | None = None) -> tuple[list[str], list[Path], list[int]]:
+def _scan(
+    folder: Path, classes: Sequence[str] | None = None
+) -> tuple[list[str], list[Path], list[int]]:
     """Class names, files and labels under ``folder``; an empty class is an error."""
     names = _classes(folder)
     if not names:
@@ -62,9 +64,7 @@ def _scan(folder: Path, classes: Sequence[str] | None = None) -> tuple[list[str]
     for k, name in enumerate(names):
         found = _images_in(folder / name) if (folder / name).is_dir() else []
         if not found and classes is None:
-            raise DataError(
-                f"{folder / name}: empty class: no {'/'.join(EXTENSIONS)} files"
-            )
+            raise DataError(f"{folder / name}: empty class: no {'/'.join(EXTENSIONS)} files")
         files += found
         labels += [k] * len(found)
     return names, files, labels

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 
 from .datasets import DataError
+from .digits import center_digit
+from .digits import resize as _resize2d
 
 __all__ = [
     "MAX_PIXELS",
@@ -253,21 +255,17 @@ def is_dark_on_light(image: np.ndarray) -> bool:
 
 
 def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize (antialiased when shrinking) of (H, W) or (H, W, C) float32 pixels."""
+    """Antialiased linear resize of (H, W) or (H, W, C) pixels (:func:`xcnn.digits.resize`).
+
+    NumPy only, the method of Pillow's ``resize(..., BILINEAR)``; float32 out.
+    """
     if image.shape[:2] == (height, width):
-        return image
-    Image = _pillow("resize")
-    channels = image[..., None] if image.ndim == 2 else image
-    out = [
-        np.asarray(
-            Image.fromarray(np.ascontiguousarray(channels[..., c]), mode="F").resize(
-                (width, height), Image.Resampling.BILINEAR
-            )
-        )
-        for c in range(channels.shape[-1])  # at most 3: colour channels, not pixels
-    ]
-    result = np.clip(np.stack(out, axis=-1), 0.0, 1.0).astype(np.float32)
-    return result[..., 0] if image.ndim == 2 else result
+        return image.astype(np.float32, copy=False)
+    if image.ndim == 2:
+        return _resize2d(image, height, width).astype(np.float32)
+    # At most 3 channels: a loop over colours, not pixels.
+    planes = [_resize2d(image[..., k], height, width) for k in range(image.shape[-1])]
+    return np.stack(planes, axis=-1).astype(np.float32)
 
 
 def prepare_image(
@@ -312,8 +310,6 @@ def prepare_image(
     elif image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=-1)
     if digit and c == 1 and image.shape != (28, 28):
-        from .digits import center_digit  # noqa: PLC0415 (the only user)
-
         image = resize(center_digit(image), h, w)
     else:
         image = resize(image, h, w)

@@ -141,7 +141,9 @@ def load_npz(path: str | os.PathLike[str]) -> Splits:
     if "classes" in arrays:
         c = arrays["classes"]
         if c.ndim != 1 or c.dtype.kind != "U":
-            raise DataError(f"{name}: classes must be a 1-D array of strings, got {c.dtype} {c.shape}")
+            raise DataError(
+                f"{name}: classes must be a 1-D array of strings, got {c.dtype} {c.shape}"
+            )
         classes = tuple(str(s) for s in c)
         top = max((int(y.max()) for y in ys.values() if y.size), default=-1)
         if top >= len(classes):
@@ -207,13 +209,14 @@ def load_data(
         if is_image_folder(path):
             return image_folder(path, size=size, color=color, test_split=test_split, seed=seed)
         raise DataError(
-            f"{text}: a directory, but neither the four MNIST IDX files, CIFAR-10's binary "
-            "files, nor class subfolders holding .png/.jpg/.bmp pictures"
+            f"{text}: not a dataset directory: missing {', '.join(datasets._find(path)[1])} "
+            "(MNIST-format IDX files), no CIFAR-10 binary files and no class subfolders "
+            "holding .png/.jpg/.bmp pictures"
         )
     if path.exists():
         raise DataError(f"{text}: not a dataset (expected a directory or an .npz file)")
     raise ValueError(
-        f"unknown data {text!r}: choose one of {', '.join(NAMES)}, a directory (IDX files, "
+        f"unknown dataset {text!r}: choose one of {', '.join(NAMES)}, a directory (IDX files, "
         "CIFAR-10 files or a folder of pictures) or an .npz file"
     )
 
