@@ -154,22 +154,42 @@ def _composite(colour: np.ndarray, alpha: np.ndarray) -> np.ndarray:
 def _read_npy(name: str, max_pixels: int) -> np.ndarray:
     if not Path(name).is_file():
         raise FileNotFoundError(2, "No such file or directory", name)
+    fmt = np.lib.format
     try:
-        # mmap reads only the header: the declared shape is checked before any data is read.
-        a = np.load(name, mmap_mode="r", allow_pickle=False)
+        with open(name, "rb") as fh:
+            # The header alone first: shape and dtype are checked before any data is read.
+            version = fmt.read_magic(fh)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"unsupported .npy version {version}")
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, fortran, dtype = read(fh)
+            count = int(np.prod(shape, dtype=object))
+            if dtype.hasobject:
+                raise ValueError("it holds Python objects (pickles are refused)")
+            if count > 4 * max_pixels:
+                raise ImageError(
+                    f"{name}: refused: shape {shape} is more than {max_pixels:,} pixels"
+                )
+            available = os.fstat(fh.fileno()).st_size - fh.tell()
+            if count * dtype.itemsize != available:
+                raise ValueError(
+                    f"header declares {count * dtype.itemsize} bytes, file holds {available}"
+                )
+            a = np.fromfile(fh, dtype=dtype, count=count).reshape(
+                shape, order="F" if fortran else "C"
+            )
+    except ImageError:
+        raise
     # numpy's header parser raises many types on hostile bytes; all mean "not a .npy array".
     except Exception as e:
         raise ImageError(f"{name}: not a readable .npy array ({type(e).__name__}: {e})") from None
-    if not isinstance(a, np.ndarray):
-        raise ImageError(f"{name}: expected one .npy array, got {type(a).__name__}")
-    if a.size > 4 * max_pixels:
-        raise ImageError(f"{name}: refused: shape {a.shape} is more than {max_pixels:,} pixels")
     if a.dtype == np.bool_:
         raise ImageError(
             f"{name}: a bool array is a mask, not intensities: save it as uint8 0/255 "
             "(a.astype(np.uint8) * 255)"
         )
-    a = np.squeeze(np.array(a))
+    while a.ndim > 2 and 1 in (a.shape[0], a.shape[-1]):  # (1, H, W), (H, W, 1), (1, 1, H, W)
+        a = a[0] if a.shape[0] == 1 else a[..., 0]
     if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
         a = np.moveaxis(a, 0, -1)  # (C, H, W) -> (H, W, C)
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] == 3)) or 0 in a.shape:
@@ -196,9 +216,10 @@ def read_image(path: str | os.PathLike[str], *, max_pixels: int = MAX_PIXELS) ->
     ----------
     path : path-like
         ``.npy``: uint8 0..255, uint16 0..65535, other integers 0..255 or floats 0..1, shaped
-        ``(H, W)``, ``(H, W, 3)`` or ``(3, H, W)`` (singleton axes dropped). Anything else is
-        decoded by Pillow: 16-bit grey keeps its 65536 levels, palettes are expanded, and
-        transparent pixels take the background colour that contrasts with the opaque ones.
+        ``(H, W)``, ``(H, W, 3)`` or ``(3, H, W)`` (outer singleton axes dropped); bool
+        masks are refused. Anything else is decoded by Pillow: 16-bit grey keeps its 65536
+        levels, palettes are expanded, and transparent pixels take the background colour
+        that contrasts with the opaque ones.
     max_pixels : int
         Refuse a picture whose header declares more pixels (checked before decoding).
 
