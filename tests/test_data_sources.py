@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
+import json
 import tarfile
 import zipfile
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import xcnn
 from xcnn import datasets
 from xcnn.cifar import CIFAR10_CLASSES, CIFAR10_MD5
 from xcnn.datasets import DataError
@@ -367,3 +370,19 @@ def test_load_data_resolves_every_kind(tmp_path):
         "input_shape": (3, 6, 5),
         "num_classes": 3,
     }
+
+
+@pytest.mark.skipif(
+    "input_shape" not in inspect.signature(xcnn.build_model).parameters,
+    reason="needs build_model(name, input_shape=, num_classes=) from the framework branch "
+    "(contract 1); runs once merged",
+)
+def test_accuracy_benchmark_runs_on_cifar_files(tmp_path, capsys):
+    from benchmarks import accuracy
+
+    write_cifar(tmp_path / "cifar-10-batches-bin", counts=(8, 8, 8, 8, 8, 10))
+    status = accuracy.main(["--cifar", str(tmp_path), "--models", "seed", "--epochs", "1",
+                            "--json"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert status == 0 and "CIFAR-10 seed:" in out
+    assert json.loads(out.strip().splitlines()[-1])["results"][0]["train_images"] == 40
