@@ -21,7 +21,14 @@ from .cifar import cifar10
 from .datasets import DataError, Splits
 from .image_folder import image_folder, is_image_folder
 
-__all__ = ["FASHION_MNIST_CLASSES", "NAMES", "cifar10", "image_folder", "load_data", "load_npz"]
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "NAMES",
+    "describe",
+    "load_data",
+    "load_npz",
+    "num_classes",
+]
 
 #: Dataset names ``load_data`` knows (besides paths).
 NAMES = ("sample", "mnist", "fashion-mnist", "cifar-10")
