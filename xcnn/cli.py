@@ -400,13 +400,14 @@ def _train(args: argparse.Namespace) -> int:
     if args.save and not Path(args.save).resolve().parent.is_dir():
         # Fail now, not after the first epoch's work.
         raise FileNotFoundError(2, "No such directory", str(Path(args.save).parent))
-    resumed = _resumed_start(args) if args.resume else None
-    previous = resumed.previous if resumed else {}
+    resuming = _resumed_start(args) if args.resume else None
+    previous = resuming.previous if resuming else {}
     data = args.data or previous.get("data", "sample")
     image_size = args.image_size or previous.get("image_size")
     progress = not args.no_progress and sys.stderr.isatty()
     splits = _load_data(data, progress, image_size)
-    start = resumed or _fresh_start(args, splits)
+    # Data before the model: a fresh model is built for the data's shape and classes.
+    start = resuming or _fresh_start(args, splits)
     model, optimizer, recipe, history = start.model, start.optimizer, start.recipe, start.history
 
     def setting(key: str, given: Any, default: Any) -> Any:
