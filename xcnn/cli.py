@@ -33,7 +33,7 @@ from .augment import parse_augment
 from .backend import BackendError
 from .models import MODELS, RECIPES, Recipe, build_model
 from .optim import OPTIMIZERS, make_optimizer
-from .training import SCALES, evaluate, fit, predict, scale_images
+from .training import SCALES, evaluate, fit
 
 __all__ = ["main", "build_parser"]
 
@@ -567,13 +567,13 @@ def _predict(args: argparse.Namespace) -> int:
     shape = getattr(ck.model, "input_shape", None) or ck.extra.get("train", {}).get(
         "input_shape", (1, 28, 28)
     )
-    x, notes = images.prepare_images(args.files, shape, invert=args.invert)  # (N, C, H, W) 0..1
+    probs, notes = images.predict_files(
+        ck.model, args.files, input_shape=shape, invert=args.invert,
+        scale=ck.extra.get("scale", "centered"),
+    )  # fmt: skip
     for path, note in zip(args.files, notes, strict=True):
         for line in note:
             print(f"xcnn: note: {path}: {line}", file=sys.stderr)
-    # Scaled here, as in training, so predict() takes the floats as given.
-    x = scale_images(x * 255.0, ck.extra.get("scale", "centered"), np.dtype(ck.model.dtype))
-    probs = predict(ck.model, x)
     classes = _classes(ck.model, ck.extra) or [str(k) for k in range(probs.shape[1])]
     rows = []
     for path, p in zip(args.files, probs, strict=True):

@@ -37,6 +37,8 @@ __all__ = [
     "resize",
     "prepare_image",
     "prepare_images",
+    "predict_files",
+    "intensities",
 ]
 
 #: Largest picture read, in pixels (width x height): 8192 x 4096. Checked from the header
@@ -358,3 +360,46 @@ def prepare_images(
         )
         notes.append(note)
     return x, notes
+
+
+def predict_files(
+    model: Any,
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    input_shape: Sequence[int] | None = None,
+    invert: bool | None = None,
+    scale: str | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> tuple[np.ndarray, list[list[str]]]:
+    """Class probabilities of picture files: :func:`prepare_images`, scaling, ``predict``.
+
+    Parameters
+    ----------
+    model : Sequential
+    paths : sequence of path-like
+    input_shape : (C, H, W), optional
+        Default: ``model.input_shape``, else MNIST's ``(1, 28, 28)``.
+    invert : bool, optional
+        As for :func:`prepare_image`.
+    scale : str, optional
+        Input scaling (:data:`xcnn.training.SCALES`); default ``model.scale``, else
+        ``"centered"``.
+
+    Returns
+    -------
+    (numpy.ndarray, list of list of str)
+        Probabilities ``(N, K)`` and the notes of each file (e.g. that it was inverted).
+    """
+    from .training import predict, scale_images  # noqa: PLC0415 (training is heavier)
+
+    shape = input_shape or getattr(model, "input_shape", None) or (1, 28, 28)
+    x, notes = prepare_images(paths, shape, invert=invert, max_pixels=max_pixels)
+    scale = scale or getattr(model, "scale", None) or "centered"
+    # Scaled here, as in training, so predict() takes the floats as given.
+    x = scale_images(x * 255.0, scale, np.dtype(model.dtype))
+    return predict(model, x), notes
+
+
+def intensities(image: np.ndarray) -> np.ndarray:
+    """A picture from :func:`read_image` (0..1) as float64 intensities 0..255."""
+    return np.asarray(image, dtype=np.float64) * 255.0
