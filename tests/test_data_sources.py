@@ -251,6 +251,13 @@ def test_cifar10_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="data_batch_4.bin"):
         datasets.cifar10(tmp_path / "b")
 
+    huge = tmp_path / "huge" / "cifar-10-batches-bin"
+    write_cifar(huge)
+    with open(huge / "data_batch_3.bin", "r+b") as fh:
+        fh.truncate(10001 * 3073)  # sparse: declares one record too many
+    with pytest.raises(DataError, match=r"data_batch_3\.bin: 10001 records, more than"):
+        datasets.cifar10(tmp_path / "huge")
+
     bad = tmp_path / "bad.tar.gz"
     bad.write_bytes(b"\x1f\x8b" + bytes(100))
     with pytest.raises(DataError, match="bad.tar.gz"):

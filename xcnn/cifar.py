@@ -51,6 +51,7 @@ _TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 _TEST = ("test_batch.bin",)
 _RECORD = 1 + 3 * 32 * 32
 _CHUNK = 1000  # records per read: 3 MB
+_PER_FILE = 10000  # records in each official file: more is not CIFAR-10 (and is not allocated)
 
 
 def _count(name: str, nbytes: int) -> int:
@@ -58,6 +59,10 @@ def _count(name: str, nbytes: int) -> int:
         raise DataError(
             f"{name}: {nbytes} bytes is not a whole number of {_RECORD}-byte CIFAR-10 records "
             "(1 label byte + 3072 pixel bytes): truncated or not CIFAR-10"
+        )
+    if nbytes // _RECORD > _PER_FILE:
+        raise DataError(
+            f"{name}: {nbytes // _RECORD} records, more than the {_PER_FILE} of a CIFAR-10 file"
         )
     return nbytes // _RECORD
 
