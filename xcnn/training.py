@@ -130,8 +130,13 @@ def _images_to_device(model: Sequential, x: Any, scale: str, what: str = "x") ->
     return x if x.dtype == dtype else xp.astype(x, dtype)
 
 
-def _batch(model: Sequential, xb: Array, scale: str) -> Array:
-    """A device batch in the model's dtype: integer images are scaled here, per batch."""
+def _batch(model: Sequential, xb: Array, scale: str | None) -> Array:
+    """A device batch in the model's dtype: integer images are scaled here, per batch.
+
+    ``scale`` None is the model's own (``model.scale``), as in :func:`fit`.
+    """
+    if scale is None:
+        scale = getattr(model, "scale", None) or "centered"
     dtype = model.backend.dtype(model.dtype)
     return scale_images(xb, scale, dtype) if model.xp.isdtype(xb.dtype, "integral") else xb
 
