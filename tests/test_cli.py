@@ -258,7 +258,7 @@ def test_user_errors(capsys, tmp_path, trained, sample):
     (idx_dir / "train-labels-idx1-ubyte").write_bytes(b"junk")
     corrupt = tmp_path / "corrupt.npz"
     corrupt.write_bytes(trained.read_bytes()[:500])
-    np.save(tmp_path / "big.npy", np.zeros((32, 32), np.uint8))
+    np.save(tmp_path / "mask.npy", np.zeros((28, 28), bool))
     np.save(tmp_path / "hot.npy", np.full((28, 28), 2.0))
     cases = [
         (["train", "--backend", "jax"], ["unknown backend 'jax'"]),
@@ -273,7 +273,7 @@ def test_user_errors(capsys, tmp_path, trained, sample):
         (["evaluate", corrupt], [str(corrupt), "not a readable"]),
         (["evaluate", tmp_path / "none.npz"], ["No such file"]),
         (["predict", trained, tmp_path / "none.npy"], ["No such file"]),
-        (["predict", trained, tmp_path / "big.npy"], ["28x28", "32x32"]),
+        (["predict", trained, tmp_path / "mask.npy"], ["mask.npy", "bool"]),
         (["predict", trained, tmp_path / "hot.npy"], ["intensities in [0, 1]"]),
         (["sobel", tmp_path / "none.png", "--out", tmp_path / "o.png"], ["No such file"]),
     ]

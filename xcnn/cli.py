@@ -36,13 +36,13 @@ from typing import Any
 
 import numpy as np
 
-from . import datasets, distributed, io, runs
+from . import datasets, distributed, images, io, runs
 from .atomic import check_writable
+from .augment import parse_augment
 from .backend import BackendError
-from .images import intensities, read_image
 from .models import MODELS, RECIPES
 from .optim import MAX_LR, OPTIMIZERS
-from .training import SCALES, evaluate, fit, predict, scale_images
+from .training import SCALES, evaluate, fit
 
 __all__ = ["main", "build_parser"]
 
@@ -103,6 +103,13 @@ def _number(low: float, high: float):
     return parse
 
 
+def _augment_spec(text: str) -> str:
+    try:
+        return parse_augment(text).spec()
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _device(text: str | None) -> Any:
     """``"1"`` -> 1 (a CUDA index); other names (e.g. ``"device1"``) as given."""
     if text is None:
@@ -126,8 +133,16 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
 def _add_data(p: argparse.ArgumentParser, default_note: str) -> None:
     p.add_argument(
         "--data",
-        help="sample (embedded MNIST subset), mnist, fashion-mnist, or a directory holding "
-        f"the four MNIST-format IDX files (default: {default_note})",
+        help="sample (embedded MNIST subset), mnist, fashion-mnist, cifar-10, a directory "
+        "(the four MNIST-format IDX files, or a folder of pictures: <class>/*.png or "
+        "train/<class>/* and test/<class>/*), or an .npz of x_train, y_train, x_test, y_test "
+        f"(default: {default_note})",
+    )
+    p.add_argument(
+        "--image-size",
+        type=_count(1),
+        metavar="N",
+        help="resize a folder's pictures to NxN (default: they must all be one size)",
     )
     p.add_argument(
         "--test-size",
@@ -197,6 +212,13 @@ def _train_parser(sub: Any) -> None:
     )
     t.add_argument("--seed", type=int, help="seed of initial weights and shuffling (default: 0)")
     t.add_argument(
+        "--augment",
+        type=_augment_spec,
+        metavar="LIST",
+        help="augment training batches on the device: shift[=PIXELS] (default 2), "
+        "rotate[=DEGREES] (default 10), flip (not for digits), comma-separated",
+    )
+    t.add_argument(
         "--save", metavar="PATH", help="write a checkpoint here after every epoch (atomically)"
     )
     t.add_argument(
@@ -240,14 +262,20 @@ def _evaluate_parser(sub: Any) -> None:
 def _predict_parser(sub: Any) -> None:
     p = sub.add_parser(
         "predict",
-        help="classify 28x28 images (PNG or .npy)",
-        description="Print the most likely class and its probability for each image. Images are "
-        "28x28 grayscale, white digit on black as in MNIST: PNG (needs Pillow) or .npy "
-        "holding uint8 0..255 or floats 0..1.",
+        help="classify pictures (PNG, JPEG, ... or .npy)",
+        description="Print the most likely class and its probability for each picture, of any "
+        "size or mode (PNG/JPEG/BMP need Pillow; .npy holds uint8 0..255 or floats 0..1). For "
+        "MNIST-shaped models the digit is centred as MNIST was made and a dark-on-light "
+        "picture is inverted (with a note); other models get a plain resize.",
     )
     p.add_argument("checkpoint", metavar="PATH", help="checkpoint written by 'xcnn train --save'")
     p.add_argument("files", metavar="FILE", nargs="+", help="PNG or .npy images")
-    p.add_argument("--invert", action="store_true", help="invert images (for black on white)")
+    p.add_argument(
+        "--invert",
+        action=argparse.BooleanOptionalAction,
+        help="invert (or --no-invert: never) the pictures; default: detect dark-on-light "
+        "pictures for digit models",
+    )
     _add_backend(p)
     p.add_argument("--json", action="store_true", help="print the predictions as JSON (last line)")
     p.set_defaults(func=_predict)
@@ -422,6 +450,11 @@ def _check_plots_dir(path: str) -> None:
         raise PermissionError(13, "directory is not writable", str(existing))
 
 
+def _classes(model: Any, extra: dict[str, Any]) -> list[str] | None:
+    """Class names of a loaded model (``model.classes``, else an older checkpoint's extra)."""
+    return getattr(model, "classes", None) or extra.get("classes")
+
+
 # -- train ------------------------------------------------------------------------
 
 
@@ -445,14 +478,22 @@ def _train(args: argparse.Namespace) -> int:
         settings = runs.resolve_settings(vars(args), ck)
     except ValueError as e:
         raise ValueError(f"{args.resume}: {e}" if ck is not None else str(e)) from None
-    run = runs.start_run(
-        settings, backend=args.backend, device=_device(args.device), checkpoint=ck, new_lr=args.lr
-    )
-    model, optimizer, s = run.model, run.optimizer, settings
+    s = settings
     progress = not args.no_progress and sys.stderr.isatty()
-    x_train, y_train, x_test, y_test = runs.load_splits(
-        s.data, s.train_size, s.test_size, progress=progress
+    # Data before the model: a fresh model is built for the data's shape and classes.
+    splits = runs.load_splits(
+        s.data, s.train_size, s.test_size, progress=progress, image_size=s.image_size
     )
+    x_train, y_train, x_test, y_test = splits[:4]
+    run = runs.start_run(
+        settings,
+        backend=args.backend,
+        device=_device(args.device),
+        checkpoint=ck,
+        new_lr=args.lr,
+        data=splits,
+    )
+    model, optimizer = run.model, run.optimizer
     decay = f" (x{s.lr_decay:g} per epoch)" if s.lr_decay != 1 else ""
     resumed = f" from epoch {run.start_epoch}" if run.start_epoch else ""
     _Out.say(
@@ -488,6 +529,7 @@ def _train(args: argparse.Namespace) -> int:
         progress=progress,
         callback=on_epoch,
         distributed=comm,
+        augment=parse_augment(s.augment) if s.augment else None,
     )
     result = evaluate(model, x_test, y_test, scale=s.scale)
     seconds = float(sum(history["seconds"]))
@@ -535,7 +577,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     trained = ck.extra.get("train")
     trained = trained if isinstance(trained, dict) else {}
     data = args.data or trained.get("data", "sample")
-    _, _, x, y = runs.load_splits(data, 1, args.test_size, progress=sys.stderr.isatty())
+    image_size = args.image_size or trained.get("image_size")
+    _, _, x, y, _ = runs.load_splits(
+        data, 1, args.test_size, progress=sys.stderr.isatty(), image_size=image_size
+    )
     start = time.perf_counter()
     result = evaluate(ck.model, x, y, batch_size=args.batch_size)  # scaled as model.scale says
     seconds = time.perf_counter() - start
@@ -544,6 +589,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     _Out.say(
         f"test accuracy: {result['accuracy']:.2%}, loss {result['loss']:.4f} ({seconds:.1f} s)"
     )
+    classes = _classes(ck.model, ck.extra)
+    if classes:
+        _Out.say("classes: " + ", ".join(f"{i} {c}" for i, c in enumerate(classes)))
     _Out.say("confusion matrix (rows: true class, columns: predicted):")
     _Out.say(_format_confusion(result["confusion"]))
     if args.json:
@@ -574,27 +622,28 @@ def _format_confusion(confusion: np.ndarray) -> str:
 
 def _predict(args: argparse.Namespace) -> int:
     ck = io.load_checkpoint(args.checkpoint, backend=args.backend, device=_device(args.device))
-    images = []
-    for path in args.files:
-        image = read_image(path)
-        if image.shape != (28, 28):
-            raise ValueError(
-                f"{path}: expected a 28x28 image, got {image.shape[0]}x{image.shape[1]}"
-            )
-        images.append(intensities(image))
-    x = np.stack(images)[:, None]  # (N, 1, 28, 28)
-    if args.invert:
-        x = 255.0 - x
-    # Scaled here, as in training, so predict() takes the floats as given.
-    x = scale_images(x, ck.model.scale, np.dtype(ck.model.dtype))
-    probs = predict(ck.model, x)
+    shape = getattr(ck.model, "input_shape", None) or ck.extra.get("train", {}).get(
+        "input_shape", (1, 28, 28)
+    )
+    probs, notes = images.predict_files(
+        ck.model, args.files, input_shape=shape, invert=args.invert,
+        scale=ck.model.scale,
+    )  # fmt: skip
+    for path, note in zip(args.files, notes, strict=True):
+        for line in note:
+            print(f"xcnn: note: {path}: {line}", file=sys.stderr)
+    classes = _classes(ck.model, ck.extra) or [str(k) for k in range(probs.shape[1])]
     rows = []
     for path, p in zip(args.files, probs, strict=True):
         k = int(np.argmax(p))
-        rows.append({"file": path, "class": k, "probability": float(p[k])})
-        _Out.say(f"{path}: {k} ({p[k]:.1%})")
+        every = {c: float(q) for c, q in zip(classes, p, strict=True)}
+        rows.append(
+            {"file": path, "class": k, "name": classes[k], "probability": float(p[k]),
+             "probabilities": every}
+        )  # fmt: skip
+        _Out.say(f"{path}: {classes[k]} ({p[k]:.1%})")
     if args.json:
-        _emit_json({"checkpoint": args.checkpoint, "predictions": rows})
+        _emit_json({"checkpoint": args.checkpoint, "classes": classes, "predictions": rows})
     return 0
 
 
@@ -605,10 +654,8 @@ def _sobel(args: argparse.Namespace) -> int:
     if Path(args.out).parent.is_dir():  # (a missing folder is created by the figure's save)
         check_writable(args.out)
     if args.image is not None:
-        image = read_image(args.image)
-        if image.dtype.kind == "f":
-            image = np.round(image * 255.0)
-        image = image.astype(np.uint8)
+        grey = images.to_grayscale(images.read_image(args.image))
+        image = np.round(grey * 255.0).astype(np.uint8)
     else:
         test = datasets.sample()
         image = test.x_test[int(np.flatnonzero(test.y_test == args.digit)[0]), 0]

@@ -107,12 +107,16 @@ class DownloadError(OSError):
 
 
 class Splits(NamedTuple):
-    """Train and test splits: images ``uint8 (N, 1, 28, 28)``, labels ``int64 (N,)``."""
+    """Train and test splits: images ``uint8 (N, C, H, W)``, labels ``int64 (N,)``.
+
+    ``classes`` holds the class names when the data has them (image folders, CIFAR-10).
+    """
 
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    classes: tuple[str, ...] | None = None
 
 
 def read_idx(path: str | os.PathLike[str], *, ndim: int | None = None) -> np.ndarray:
@@ -449,7 +453,7 @@ def sample() -> Splits:
     """
     ref = resources.files("xcnn") / "data" / "mnist_sample.npz"
     with ref.open("rb") as fh, np.load(fh, allow_pickle=False) as npz:
-        return Splits(*(npz[k] for k in Splits._fields))
+        return Splits(*(npz[k] for k in Splits._fields[:4]))
 
 
 def build_sample(
@@ -543,6 +547,9 @@ def _main(argv: Sequence[str] | None = None) -> None:
     )
     print(f"wrote {out} ({out.stat().st_size} bytes)")
 
+
+# Image folders, CIFAR-10, .npz arrays and the one-``--data`` resolver (data branch, #12).
+from .sources import cifar10, describe, image_folder, load_data, load_npz  # noqa: E402, F401
 
 if __name__ == "__main__":
     _main()

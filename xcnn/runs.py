@@ -57,6 +57,8 @@ class TrainSettings:
     lr_decay: float
     scale: str
     seed: int
+    augment: str | None = None  # an xcnn.augment spec, e.g. "shift=2,rotate=10"
+    image_size: int | None = None  # picture folders resized to this size
 
     def record(self) -> dict[str, Any]:
         """What a checkpoint records so that a resume continues with the same settings.
@@ -109,7 +111,8 @@ def resolve_settings(
         recipe = recipe_for(name, _given(options, "optimizer"))
         defaults: dict[str, Any] = {
             "model": name, "data": "sample", "train_size": None, "test_size": None,
-            "optimizer": recipe.optimizer, "seed": 0, **recipe._asdict(),
+            "optimizer": recipe.optimizer, "seed": 0, "augment": None, "image_size": None,
+            **recipe._asdict(),
         }  # fmt: skip
     else:
         given = [f"--{k}" for k in FIXED_BY_CHECKPOINT if _given(options, k) is not None]
@@ -137,6 +140,8 @@ def resolve_settings(
             seed=0,
             lr=checkpoint.optimizer.lr,
             scale=checkpoint.model.scale,
+            augment=None,
+            image_size=None,
         )
         defaults.update({k: v for k, v in previous.items() if k in defaults and v is not None})
         missing = [f"--{k.replace('_', '-')}" for k in ("epochs", "batch_size")
@@ -195,15 +200,24 @@ def start_run(
     device: Any = None,
     checkpoint: io.Checkpoint | None = None,
     new_lr: float | None = None,
+    data: datasets.Splits | None = None,
 ) -> Run:
     """Build a fresh run from ``settings``, or continue ``checkpoint`` (model, optimizer, RNG).
 
     With a checkpoint the optimizer goes on at its saved (possibly decayed) rate, unless
-    ``new_lr`` restarts it there.
+    ``new_lr`` restarts it there. A fresh model is built for ``data``'s image shape and
+    class count (the named nets adapt through ``input_shape``) and keeps its class names.
     """
     if checkpoint is None:
-        model = build_model(settings.model, backend=backend, device=device, seed=settings.seed)
+        shape = {} if data is None else datasets.describe(data)
+        if shape == {"input_shape": (1, 28, 28), "num_classes": 10}:
+            shape = {}  # MNIST's shape: the named nets as they are
+        model = build_model(
+            settings.model, backend=backend, device=device, seed=settings.seed, **shape
+        )
         model.scale = settings.scale
+        if data is not None and data.classes is not None:
+            model.classes = list(data.classes)
         optimizer = make_optimizer(settings.optimizer, model, settings.lr)
         return Run(settings, model, optimizer, np.random.default_rng(settings.seed))
     optimizer = checkpoint.optimizer
@@ -226,16 +240,25 @@ def _first(x: np.ndarray, n: int | None, option: str, what: str) -> np.ndarray:
     return x[:n]
 
 
-def load_data(name: str, progress: bool) -> datasets.Splits:
-    """``datasets.load``; ``progress`` is for downloads (the embedded sample takes no options)."""
-    return datasets.load(name) if name == "sample" else datasets.load(name, progress=progress)
+def load_data(name: str, progress: bool, image_size: int | None = None) -> datasets.Splits:
+    """:func:`xcnn.datasets.load_data`: ``progress`` is for downloads, ``image_size`` resizes
+    a picture folder."""
+    return datasets.load_data(name, progress=progress, size=image_size)
 
 
 def load_splits(
-    data: str, train_size: int | None, test_size: int | None, *, progress: bool = False
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(x_train, y_train, x_test, y_test)`` of ``data``, trimmed to the sizes given."""
-    splits = load_data(data, progress)
+    data: str,
+    train_size: int | None,
+    test_size: int | None,
+    *,
+    progress: bool = False,
+    image_size: int | None = None,
+) -> datasets.Splits:
+    """The :class:`~xcnn.datasets.Splits` of ``data``, trimmed to the sizes given."""
+    splits = load_data(data, progress, image_size)
     x_train = _first(splits.x_train, train_size, "--train-size", f"training images of {data}")
     x_test = _first(splits.x_test, test_size, "--test-size", f"test images of {data}")
-    return x_train, splits.y_train[: len(x_train)], x_test, splits.y_test[: len(x_test)]
+    return datasets.Splits(
+        x_train, splits.y_train[: len(x_train)], x_test, splits.y_test[: len(x_test)],
+        splits.classes,
+    )  # fmt: skip

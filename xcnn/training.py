@@ -1,7 +1,8 @@
 """Training and inference loops: :func:`fit`, :func:`evaluate`, :func:`predict`.
 
 Data flow (see docs/DESIGN): host images and labels go to the model's device
-once per call; integer images are scaled there, in the model's dtype; every
+once per call; integer images stay integers there (uint8: a quarter of float32's
+memory) and each batch is scaled to the model's dtype when it is used; every
 batch is a slice (``xp.take`` with a shuffled index array) of those device
 arrays, so no batch ever crosses the host-device boundary. Running sums of
 the loss and of correct predictions stay on the device too and are read back
@@ -104,10 +105,11 @@ def _scale_constants(scale: str) -> tuple[float, float]:
 
 
 def _images_to_device(model: Sequential, x: Any, scale: str, what: str = "x") -> Array:
-    """Host (or device) images -> the model's device and dtype, in one transfer.
+    """Host (or device) images -> the model's device, in one transfer.
 
-    Integer images cross as integers (4x less traffic than float32 for uint8)
-    and are scaled on the device; floating images are only cast.
+    Integer images cross and stay as integers (uint8: 4x less traffic and device
+    memory than float32); :func:`_batch` scales them one batch at a time.
+    Floating images are cast to the model's dtype here.
     """
     _scale_constants(scale)  # fail before any transfer
     if not model.backend.owns(x):
@@ -121,10 +123,21 @@ def _images_to_device(model: Sequential, x: Any, scale: str, what: str = "x") ->
         )
     xp, dtype = model.xp, model.backend.dtype(model.dtype)
     if xp.isdtype(x.dtype, "integral"):
-        return scale_images(x, scale, dtype)
+        return x
     if not xp.isdtype(x.dtype, "real floating"):
         raise TypeError(f"{what}: expected integer or floating images, got dtype {x.dtype}")
     return x if x.dtype == dtype else xp.astype(x, dtype)
+
+
+def _batch(model: Sequential, xb: Array, scale: str | None) -> Array:
+    """A device batch in the model's dtype: integer images are scaled here, per batch.
+
+    ``scale`` None is the model's own (``model.scale``), as in :func:`fit`.
+    """
+    if scale is None:
+        scale = getattr(model, "scale", None) or "centered"
+    dtype = model.backend.dtype(model.dtype)
+    return scale_images(xb, scale, dtype) if model.xp.isdtype(xb.dtype, "integral") else xb
 
 
 def _labels_to_device(model: Sequential, y: Any, n: int, num_classes: int, what: str) -> Array:
@@ -137,9 +150,9 @@ def _labels_to_device(model: Sequential, y: Any, n: int, num_classes: int, what:
     return y if model.backend.owns(y) else model.asarray(y)
 
 
-def _num_classes(model: Sequential, x: Array) -> int:
+def _num_classes(model: Sequential, x: Array, scale: str = "centered") -> int:
     """K, from the model itself: one forward of a single image."""
-    logits = model.forward(x[:1, ...], train=False)
+    logits = model.forward(_batch(model, x[:1, ...], scale), train=False)
     if logits.ndim != 2:
         raise ValueError(f"model output must be (N, K) logits, got shape {tuple(logits.shape)}")
     return int(logits.shape[1])
@@ -169,6 +182,7 @@ def fit(
     progress: bool = True,
     callback: Callable[[int, dict[str, float]], None] | None = None,
     distributed: Any = None,
+    augment: Callable[[Array, np.random.Generator], Array] | None = None,
 ) -> History:
     """Train ``model`` with mini-batch gradient descent; return the per-epoch history.
 
@@ -220,6 +234,10 @@ def fit(
         Data-parallel training (:func:`xcnn.distributed.resolve`; None: one
         process): each rank trains on its shard of every batch of
         ``batch_size`` images; see docs/distributed.md.
+    augment : callable, optional
+        ``augment(xb, rng) -> xb`` on every training batch, on the device, before
+        scaling (e.g. :class:`xcnn.augment.Augment`); ``rng`` is the shuffle
+        generator, so the checkpointed shuffle state resumes it exactly.
 
     Returns
     -------
@@ -240,7 +258,7 @@ def fit(
     x = _images_to_device(model, x_train, scale, "x_train")
     model.scale = scale  # the model now expects inputs scaled this way
     n = int(x.shape[0])
-    num_classes = _num_classes(model, x)
+    num_classes = _num_classes(model, x, scale)
     y = _labels_to_device(model, y_train, n, num_classes, "y_train")
     val = None
     if validation_data is not None:
@@ -260,13 +278,13 @@ def fit(
     for epoch in range(start_epoch + 1, start_epoch + epochs + 1):
         label = f"epoch {epoch}/{start_epoch + epochs}"
         loss, accuracy, seconds = _train_epoch(
-            model, optimizer, x, y, batch_size, rng, progress, label, comm
+            model, optimizer, x, y, batch_size, rng, progress, label, comm, scale, augment
         )
         comm.check_in_sync(model, optimizer, rng, f"epoch {epoch}")
         logs = {"epoch": epoch, "train_loss": loss, "train_accuracy": accuracy}
         if val is not None:
             val_loss, pred = comm.evaluate(
-                _evaluate_device, model, val[0], val[1], batch_size=_EVAL_BATCH
+                _evaluate_device, model, val[0], val[1], batch_size=_EVAL_BATCH, scale=scale
             )
             logs["val_loss"] = val_loss
             logs["val_accuracy"] = float(np.mean(pred == val[2]))
@@ -290,6 +308,8 @@ def _train_epoch(
     progress: bool,
     label: str,
     comm: Communicator,
+    scale: str = "centered",
+    augment: Callable[[Array, np.random.Generator], Array] | None = None,
 ) -> tuple[float, float, float]:
     """One pass over (x, y) in a fresh random order; returns (loss, accuracy, seconds)."""
     xp, n = model.xp, int(x.shape[0])
@@ -297,7 +317,7 @@ def _train_epoch(
     # The permutation is drawn on the host (the array API has no RNG, and one
     # host stream keeps runs identical across backends) and moved once.
     order = model.asarray(rng.permutation(n))
-    loss_sum = xp.zeros((), dtype=x.dtype, device=model.device)
+    loss_sum = xp.zeros((), dtype=model.backend.dtype(model.dtype), device=model.device)
     correct = xp.zeros((), dtype=y.dtype, device=model.device)  # (no int64: JAX without x64)
     seen, shown, last = 0, 0, start
     with tqdm(total=n, desc=label, unit="img", disable=not progress, leave=True) as bar:
@@ -305,7 +325,9 @@ def _train_epoch(
             # Clamped stop: the array API leaves out-of-range slice stops unspecified.
             idx = comm.shard(order[i : min(i + batch_size, n)])  # this rank's part
             xb, yb = xp.take(x, idx, axis=0), xp.take(y, idx, axis=0)
-            logits = model.forward(xb, train=True)
+            if augment is not None:
+                xb = augment(xb, rng)
+            logits = model.forward(_batch(model, xb, scale), train=True)
             loss, dlogits = softmax_cross_entropy(logits, yb, check=False)
             model.backward(dlogits, input_grad=False)
             hits = xp.sum(xp.astype(xp.argmax(logits, axis=1) == yb, y.dtype))
@@ -330,15 +352,15 @@ def _train_epoch(
 
 
 def _evaluate_device(
-    model: Sequential, x: Array, y: Array, *, batch_size: int
+    model: Sequential, x: Array, y: Array, *, batch_size: int, scale: str = "centered"
 ) -> tuple[float, np.ndarray]:
     """Mean loss and host predictions (N,) of device arrays, in forward-only batches."""
     xp, n = model.xp, int(x.shape[0])
-    loss_sum = xp.zeros((), dtype=x.dtype, device=model.device)
+    loss_sum = xp.zeros((), dtype=model.backend.dtype(model.dtype), device=model.device)
     preds = []
     for i in range(0, n, batch_size):
         j = min(i + batch_size, n)  # the array API leaves out-of-range slice stops unspecified
-        logits = model.forward(x[i:j, ...], train=False)
+        logits = model.forward(_batch(model, x[i:j, ...], scale), train=False)
         loss, _ = F.softmax_cross_entropy(logits, y[i:j])
         loss_sum = loss_sum + loss * int(logits.shape[0])
         preds.append(xp.argmax(logits, axis=1))
@@ -374,10 +396,10 @@ def evaluate(
     _check_positive("batch_size", batch_size)
     xd = _images_to_device(model, x, model.scale if scale is None else scale)
     n = int(xd.shape[0])
-    k = _num_classes(model, xd)
+    k = _num_classes(model, xd, scale)
     y_host = np.asarray(to_numpy(y))
     yd = _labels_to_device(model, y_host, n, k, "evaluate")
-    loss, pred = _evaluate_device(model, xd, yd, batch_size=batch_size)
+    loss, pred = _evaluate_device(model, xd, yd, batch_size=batch_size, scale=scale)
     confusion = np.bincount(y_host.astype(np.int64) * k + pred, minlength=k * k).reshape(k, k)
     return {"loss": loss, "accuracy": float(np.trace(confusion)) / n, "confusion": confusion}
 
@@ -404,7 +426,9 @@ def predict(
     xd = _images_to_device(model, x, model.scale if scale is None else scale)
     xp, n = model.xp, int(xd.shape[0])
     probs = [
-        F.softmax(model.forward(xd[i : min(i + batch_size, n), ...], train=False))
+        F.softmax(
+            model.forward(_batch(model, xd[i : min(i + batch_size, n), ...], scale), train=False)
+        )
         for i in range(0, n, batch_size)
     ]
     return to_numpy(xp.concat(probs))
