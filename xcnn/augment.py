@@ -49,7 +49,7 @@ def warp(x: Array, theta: Array) -> Array:
     n, c, h, w = (int(d) for d in x.shape)
     f32 = xp.float32
     # The namespace's own index dtype: int64 where it has one (JAX without x64 has int32).
-    index = xp.__array_namespace_info__().default_dtypes(device=dev)["indices"]
+    index = xp.__array_namespace_info__().default_dtypes(device=dev)["indexing"]
     t = xp.asarray(np.asarray(theta, dtype=np.float32), device=dev)
     cy, cx = (h - 1) / 2, (w - 1) / 2
     rows = xp.reshape(xp.arange(h, dtype=f32, device=dev) - cy, (1, h, 1))  # (1, H, 1)

@@ -554,6 +554,7 @@ def _train(args: argparse.Namespace) -> int:
             {
                 **s.record(),
                 "backend": model.backend.name,
+                "classes": model.classes,
                 "train_images": len(x_train),
                 "test_images": len(x_test),
                 "epochs": run.start_epoch + s.epochs,
