@@ -35,7 +35,7 @@ import numpy as np
 
 from .layers import layer_from_config
 from .model import Sequential
-from .optim import SGD, Adam, Optimizer
+from .optim import SGD, Adam, AdamW, Optimizer
 
 __all__ = [
     "FORMAT",
@@ -54,7 +54,7 @@ VERSION = 1
 _META = "__xcnn__"
 _DIGEST = "__xcnn_sha256__"
 _PARAM, _OPTIM = "param.", "optim."
-_OPTIMIZERS: dict[str, type[Optimizer]] = {"SGD": SGD, "Adam": Adam}
+_OPTIMIZERS: dict[str, type[Optimizer]] = {"SGD": SGD, "Adam": Adam, "AdamW": AdamW}
 # Bit generators a checkpoint may name; anything else is refused rather than looked up.
 _BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
 
@@ -139,6 +139,9 @@ def save(
     if isinstance(rng, np.random.Generator):
         rng = rng.bit_generator.state
     arrays = {_PARAM + k: v for k, v in model.state_dict().items()}
+    bad = [k for k, v in arrays.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+    if bad:  # refuse before touching the file: the last good checkpoint stays
+        raise ValueError(f"save: {path}: not written, non-finite values in {bad[:3]}")
     optim_meta = None
     if optimizer is not None:
         state = optimizer.state_dict()
@@ -152,6 +155,7 @@ def save(
         "optimizer": optim_meta,
         "epoch": None if epoch is None else int(epoch),
         "rng_state": rng,
+        "model_rng_state": model.rng.bit_generator.state,  # dropout masks
         "extra": {} if extra is None else extra,
         "arrays": {
             k: {"shape": list(v.shape), "dtype": v.dtype.str, "sha256": _sha256(v)}
@@ -320,6 +324,11 @@ def load_checkpoint(
     except ValueError as e:
         raise CheckpointError(f"{path}: weights do not fit the saved architecture ({e})") from None
     optimizer = _restore_optimizer(path, model, meta.get("optimizer"), optim_arrays)
+    if meta.get("model_rng_state") is not None:
+        try:
+            model.rng.bit_generator.state = restore_rng(meta["model_rng_state"]).bit_generator.state
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"{path}: invalid model RNG state in checkpoint ({e})") from None
     rng_state = meta.get("rng_state")
     if rng_state is not None:
         try:

@@ -3,7 +3,12 @@
 Parameters are rebound (``p = p - lr * g``), never updated in place, so the
 code stays correct for read-only and immutable arrays. Optimizer state
 (momentum, Adam moments) lives on the model's device, keyed like
-``model.state_dict()``.
+``model.named_params()``.
+
+Weight decay is decoupled from the gradient (Loshchilov & Hutter, 2019):
+``p <- p - lr * wd * p`` beside the gradient step, so it never enters the
+momentum or Adam's moment estimates. (For plain SGD the two forms coincide.)
+Only trainable parameters decay; BatchNorm's running statistics are buffers.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from .model import Sequential
 
 Array = Any
 
-__all__ = ["Optimizer", "SGD", "Adam", "make_optimizer", "OPTIMIZERS"]
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "make_optimizer", "OPTIMIZERS"]
 
 
 class Optimizer:
@@ -88,22 +93,33 @@ class SGD(Optimizer):
 
     ``momentum=0``: the tutorial's update ``p <- p - lr * g``.
     ``momentum=mu``: ``v <- mu * v + g``, ``p <- p - lr * v`` (PyTorch's form).
+    ``weight_decay=wd``: also ``p <- p - lr * wd * p`` (decoupled: not in ``v``).
     """
 
-    def __init__(self, model: Sequential, lr: float = 0.01, *, momentum: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: Sequential,
+        lr: float = 0.01,
+        *,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+    ) -> None:
         super().__init__(model, lr)
         if not 0 <= momentum < 1:
             raise ValueError(f"SGD: momentum must be in [0, 1), got {momentum}")
         self.momentum = float(momentum)
+        self.weight_decay = _check_decay(self, weight_decay)
 
     def hyperparams(self) -> dict[str, Any]:
-        return {"lr": self.lr, "momentum": self.momentum}
+        return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay}
 
     def update(self, p: Array, g: Array, slots: dict[str, Array]) -> Array:
         if self.momentum:
             v = slots.get("velocity")
             g = g if v is None else self.momentum * v + g
             slots["velocity"] = g
+        if self.weight_decay:
+            p = p * (1.0 - self.lr * self.weight_decay)
         return p - self.lr * g
 
 
@@ -140,15 +156,63 @@ class Adam(Optimizer):
         return p - step * m / (xp.sqrt(v) + eps)
 
 
-OPTIMIZERS = ("sgd", "momentum", "adam")
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
+
+    The Adam step, plus ``p <- p - lr * weight_decay * p``: the decay is not
+    divided by ``sqrt(v_hat)``, so every weight shrinks at the same relative
+    rate (in Adam with L2 in the gradient, weights with large gradients
+    would barely decay). PyTorch's ``AdamW`` with the same defaults.
+    """
+
+    def __init__(
+        self,
+        model: Sequential,
+        lr: float = 1e-3,
+        *,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
+        super().__init__(model, lr, betas=betas, eps=eps)
+        self.weight_decay = _check_decay(self, weight_decay)
+
+    def hyperparams(self) -> dict[str, Any]:
+        return {**super().hyperparams(), "weight_decay": self.weight_decay}
+
+    def update(self, p: Array, g: Array, slots: dict[str, Array]) -> Array:
+        if self.weight_decay:
+            # Decayed first, as PyTorch does: the Adam step applies to the decayed weight.
+            p = p * (1.0 - self.lr * self.weight_decay)
+        return super().update(p, g, slots)
 
 
-def make_optimizer(name: str, model: Sequential, lr: float) -> Optimizer:
-    """``"sgd"``, ``"momentum"`` (SGD with momentum 0.9) or ``"adam"``."""
+def _check_decay(opt: Optimizer, weight_decay: float) -> float:
+    if isinstance(weight_decay, bool) or not weight_decay >= 0:
+        raise ValueError(f"{type(opt).__name__}: weight_decay must be >= 0, got {weight_decay!r}")
+    return float(weight_decay)
+
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+
+
+def make_optimizer(
+    name: str, model: Sequential, lr: float, *, weight_decay: float | None = None
+) -> Optimizer:
+    """``"sgd"``, ``"momentum"`` (SGD with momentum 0.9), ``"adam"`` or ``"adamw"``.
+
+    ``weight_decay`` (decoupled) applies to sgd, momentum and adamw (whose
+    default is 0.01); plain Adam has none: ask for adamw instead.
+    """
+    decay = {} if weight_decay is None else {"weight_decay": weight_decay}
     if name == "sgd":
-        return SGD(model, lr)
+        return SGD(model, lr, **decay)
     if name == "momentum":
-        return SGD(model, lr, momentum=0.9)
+        return SGD(model, lr, momentum=0.9, **decay)
     if name == "adam":
+        if weight_decay:
+            raise ValueError("adam has no weight decay: use the optimizer adamw (decoupled)")
         return Adam(model, lr)
+    if name == "adamw":
+        return AdamW(model, lr, **decay)
     raise ValueError(f"unknown optimizer {name!r}: use one of {OPTIMIZERS}")
