@@ -69,8 +69,7 @@ def run_model(
         val = f"val {logs['val_accuracy']:.2%}, " if "val_accuracy" in logs else ""
         # A line per epoch: a full run takes minutes per epoch on two shared cores.
         print(
-            f"  {name} epoch {epoch}/{epochs}: {val}test {tests[-1]:.2%}, "
-            f"{logs['seconds']:.1f} s",
+            f"  {name} epoch {epoch}/{epochs}: {val}test {tests[-1]:.2%}, {logs['seconds']:.1f} s",
             flush=True,
         )
 

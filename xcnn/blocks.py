@@ -16,12 +16,11 @@ from __future__ import annotations
 from collections.abc import Iterator, MutableMapping, Sequence
 from typing import Any
 
-import numpy as np
 from array_api_compat import array_namespace
 
 from . import normalization as N
 from .backend import Backend, resolve_backend
-from .init import make_rng
+from .init import initialise, make_rng
 from .layers import LAYERS, Layer, ShapeError, layer_from_config
 
 Array = Any
@@ -90,11 +89,17 @@ class BatchNorm2D(Layer):
 
     def init_params(self, rng: Any) -> dict[str, Any]:
         c = self.num_features
-        return {"weight": np.ones(c), "bias": np.zeros(c)}
+        return {
+            "weight": initialise("ones", (c,), c, c, rng),
+            "bias": initialise("zeros", (c,), c, c, rng),
+        }
 
     def init_buffers(self) -> dict[str, Any]:
-        c = self.num_features
-        return {"running_mean": np.zeros(c), "running_var": np.ones(c)}
+        c, rng = self.num_features, None
+        return {
+            "running_mean": initialise("zeros", (c,), c, c, rng),
+            "running_var": initialise("ones", (c,), c, c, rng),
+        }
 
     def check_input(self, x: Array) -> None:
         super().check_input(x)
@@ -153,7 +158,7 @@ class Dropout(Layer):
             raise ValueError(f"Dropout: p must be in [0, 1), got {p!r}")
         self.p = float(p)
         #: host generator of the masks; Sequential shares its ``model.rng`` here.
-        self.rng: np.random.Generator = np.random.default_rng(0)
+        self.rng: Any = make_rng(0)
         self._backend: Backend | None = None
 
     def config(self) -> dict[str, Any]:
@@ -173,7 +178,7 @@ class Dropout(Layer):
             return x
         # One host draw and one transfer per call (booleans: 1 byte per value).
         backend = self._backend or resolve_backend(array_namespace(x))
-        keep = backend.asarray(self.rng.random(tuple(x.shape), dtype=np.float32) >= self.p)
+        keep = backend.asarray(self.rng.random(tuple(x.shape), dtype="float32") >= self.p)
         self.cache = {"keep": keep}
         return N.dropout(x, keep, self.p)
 
@@ -330,12 +335,15 @@ class Residual(Layer):
         return None
 
     def resolve(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        out = tuple(shape)
+        out, side = tuple(shape), tuple(shape)
+        #: output shape of each inner layer, for ``model.summary()``
+        self.shapes: dict[str, list[tuple[int, ...]]] = {"layers": [], "shortcut": []}
         for layer in self.layers:
             out = layer.resolve(out)
-        side = tuple(shape)
+            self.shapes["layers"].append(out)
         for layer in self.shortcut:
             side = layer.resolve(side)
+            self.shapes["shortcut"].append(side)
         if out != side:
             which = "the shortcut's" if self.shortcut else "the input's (identity shortcut)"
             raise ShapeError(
@@ -391,6 +399,4 @@ class Residual(Layer):
         return df + ds
 
 
-LAYERS.update(
-    {cls.__name__: cls for cls in (BatchNorm2D, Dropout, GlobalAvgPool2D, Residual)}
-)
+LAYERS.update({cls.__name__: cls for cls in (BatchNorm2D, Dropout, GlobalAvgPool2D, Residual)})

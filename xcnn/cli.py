@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from . import datasets, io
+from . import __version__, datasets, io, schedules
 from .backend import BackendError
+from .callbacks import BestCheckpoint, EarlyStopping
 from .models import MODELS, RECIPES, Recipe, build_model
 from .optim import OPTIMIZERS, make_optimizer
 from .training import SCALES, evaluate, fit, predict, scale_images
@@ -76,6 +77,36 @@ def _count(minimum: int):
         return value
 
     return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected C,H,W such as 1,28,28, got {text!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected three sizes >= 1 (C,H,W), got {text!r}")
+    return shape
 
 
 def _positive_float(text: str) -> float:
@@ -127,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="xcnn",
         description="Train and use small CNNs written from scratch against the array API.",
     )
+    parser.add_argument("--version", action="version", version=f"xcnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     recipes = "; ".join(
         f"{name}: {r.optimizer} lr {r.lr} (x{r.lr_decay} per epoch), batch {r.batch_size}, "
@@ -162,6 +194,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--optimizer", choices=OPTIMIZERS, help="default: the recipe's")
     t.add_argument(
+        "--weight-decay",
+        type=_nonnegative_float,
+        metavar="WD",
+        help="decoupled weight decay (sgd, momentum, adamw; default: the recipe's)",
+    )
+    t.add_argument(
+        "--schedule",
+        choices=schedules.SCHEDULES,
+        help="learning-rate schedule over the run: constant, step (x --lr-decay per epoch), "
+        "cosine (to 0 at the last epoch) (default: the recipe's)",
+    )
+    t.add_argument(
+        "--warmup",
+        type=_nonnegative_float,
+        metavar="EPOCHS",
+        help="linear learning-rate warm-up over the first EPOCHS (may be fractional)",
+    )
+    t.add_argument(
+        "--val-split",
+        type=_fraction,
+        metavar="F",
+        help="hold out a stratified, seeded fraction F of the training images for validation "
+        "after every epoch (default: 0, the test set is evaluated after every epoch instead)",
+    )
+    t.add_argument(
+        "--early-stopping",
+        type=_count(0),
+        metavar="N",
+        help="stop when the validation accuracy has not improved for N epochs (needs --val-split)",
+    )
+    t.add_argument(
+        "--save-best",
+        metavar="PATH",
+        help="write a checkpoint here whenever the validation accuracy improves "
+        "(needs --val-split)",
+    )
+    t.add_argument(
         "--scale",
         choices=sorted(SCALES),
         help="input scaling: unit x/255, centered x/255-0.5 (default), "
@@ -178,7 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--plots", metavar="DIR", help="write training plots here (needs matplotlib)")
     t.add_argument(
-        "--json", action="store_true", help="print the final metrics as JSON (last line)"
+        "--json",
+        action="store_true",
+        help="print one JSON object per epoch, then the final metrics as JSON (last line); "
+        "the human-readable text goes to stderr",
     )
     t.add_argument(
         "--no-progress",
@@ -230,7 +302,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--out", required=True, metavar="FILE", help="figure to write (e.g. sobel.png)")
     s.set_defaults(func=_sobel)
+
+    m = sub.add_parser(
+        "summary",
+        help="table of a named model's layers, output shapes and parameters",
+        description="Print each layer of a named model with its output shape and parameter "
+        "count, and the total.",
+    )
+    m.add_argument("--model", required=True, choices=sorted(MODELS), help="architecture")
+    m.add_argument(
+        "--input-shape",
+        type=_shape,
+        metavar="C,H,W",
+        help="one image's shape (default: 1,28,28, MNIST)",
+    )
+    m.add_argument("--classes", type=_count(1), default=10, metavar="K", help="number of classes")
+    m.set_defaults(func=_summary)
     return parser
+
+
+def _summary(args: argparse.Namespace) -> int:
+    model = build_model(args.model, input_shape=args.input_shape, num_classes=args.classes)
+    print(model.summary())
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -311,7 +405,9 @@ def _recipe(name: str, opt_name: str) -> Recipe:
     """The model's recipe; another optimizer than the recipe's gets lr 0.01, no decay."""
     recipe = RECIPES.get(name, RECIPES["seed"])
     if opt_name != recipe.optimizer:
-        recipe = recipe._replace(optimizer=opt_name, lr=0.01, lr_decay=1.0)
+        recipe = recipe._replace(
+            optimizer=opt_name, lr=0.01, lr_decay=1.0, schedule="step", warmup=0.0, weight_decay=0.0
+        )
     return recipe
 
 
@@ -321,13 +417,21 @@ def _fresh_start(args: argparse.Namespace) -> _Start:
     opt_name = args.optimizer or RECIPES[name].optimizer
     recipe = _recipe(name, opt_name)
     model = build_model(name, backend=args.backend, device=_device(args.device), seed=seed)
-    optimizer = make_optimizer(opt_name, model, recipe.lr if args.lr is None else args.lr)
+    decay = recipe.weight_decay if args.weight_decay is None else args.weight_decay
+    optimizer = make_optimizer(
+        opt_name,
+        model,
+        recipe.lr if args.lr is None else args.lr,
+        weight_decay=decay if decay or opt_name != "adam" else None,
+    )
     return _Start(name, model, optimizer, opt_name, np.random.default_rng(seed), seed, recipe)
 
 
 def _resumed_start(args: argparse.Namespace) -> _Start:
     given = [o for o, v in (("--model", args.model), ("--optimizer", args.optimizer),
-                            ("--seed", args.seed)) if v is not None]  # fmt: skip
+                            ("--seed", args.seed), ("--weight-decay", args.weight_decay),
+                            ("--schedule", args.schedule), ("--warmup", args.warmup),
+                            ("--val-split", args.val_split)) if v is not None]  # fmt: skip
     if given:
         raise ValueError(
             f"{', '.join(given)} cannot be combined with --resume: the checkpoint holds them"
@@ -356,11 +460,17 @@ def _resumed_start(args: argparse.Namespace) -> _Start:
 
 
 def _train(args: argparse.Namespace) -> int:
-    if args.save and not Path(args.save).resolve().parent.is_dir():
-        # Fail now, not after the first epoch's work.
-        raise FileNotFoundError(2, "No such directory", str(Path(args.save).parent))
+    for option in (args.save, args.save_best):
+        if option and not Path(option).resolve().parent.is_dir():
+            # Fail now, not after the first epoch's work.
+            raise FileNotFoundError(2, "No such directory", str(Path(option).parent))
     start = _resumed_start(args) if args.resume else _fresh_start(args)
     model, optimizer, recipe, history = start.model, start.optimizer, start.recipe, start.history
+    # With --json, stdout carries only JSON lines; the human-readable text goes to stderr.
+    out = sys.stderr if args.json else sys.stdout
+
+    def say(text: str) -> None:
+        print(text, file=out, flush=True)
 
     def setting(key: str, given: Any, default: Any) -> Any:
         # Explicit option > the resumed run's setting > the recipe.
@@ -372,10 +482,26 @@ def _train(args: argparse.Namespace) -> int:
     batch_size = setting("batch_size", args.batch_size, recipe.batch_size)
     scale = setting("scale", args.scale, recipe.scale)
     lr_decay = setting("lr_decay", args.lr_decay, recipe.lr_decay)
+    val_split = setting("val_split", args.val_split, 0.0)
+    patience = setting("early_stopping", args.early_stopping, None)
     epochs = args.epochs if args.epochs is not None else recipe.epochs
+    if (patience is not None or args.save_best) and not val_split:
+        raise ValueError("--early-stopping and --save-best watch the validation accuracy: "
+                         "give --val-split (e.g. 0.1)")  # fmt: skip
 
-    progress = not args.no_progress and sys.stderr.isatty()
-    splits = _load_data(data, progress)
+    # The schedule is fixed when a run starts (over its --epochs) and saved, so a
+    # resumed run follows the same rates. "step" without warm-up is --lr-decay itself.
+    schedule_config = start.previous.get("schedule_config")
+    name = setting("schedule", args.schedule, recipe.schedule)
+    warmup = setting("warmup", args.warmup, recipe.warmup)
+    if schedule_config is None and (name != "step" or warmup):
+        schedule_config = schedules.make_schedule(
+            name, optimizer.lr, epochs=epochs, warmup_epochs=warmup, gamma=lr_decay
+        ).config()
+    schedule = None if schedule_config is None else schedules.schedule_from_config(schedule_config)
+
+    progress = False if args.no_progress else (True if sys.stderr.isatty() else "lines")
+    splits = _load_data(data, progress is True)
     x_train = _first(splits.x_train, train_size, "--train-size", f"training images of {data}")
     y_train = splits.y_train[: len(x_train)]
     x_test = _first(splits.x_test, test_size, "--test-size", f"test images of {data}")
@@ -385,31 +511,65 @@ def _train(args: argparse.Namespace) -> int:
         "model": start.name, "data": data, "train_size": train_size, "test_size": test_size,
         "batch_size": batch_size, "optimizer": start.opt_name, "lr": optimizer.lr,
         "lr_decay": lr_decay, "scale": scale, "seed": start.seed, "backend": model.backend.name,
+        "weight_decay": getattr(optimizer, "weight_decay", 0.0), "schedule": name,
+        "warmup": warmup, "schedule_config": schedule_config, "val_split": val_split,
+        "early_stopping": patience,
     }  # fmt: skip
-    decay = f" (x{lr_decay:g} per epoch)" if lr_decay != 1 else ""
+    if schedule is not None:
+        decay = f" ({name} schedule" + (f", {warmup:g} warm-up epochs)" if warmup else ")")
+    else:
+        decay = f" (x{lr_decay:g} per epoch)" if lr_decay != 1 else ""
     resumed = f" from epoch {start.start_epoch}" if start.start_epoch else ""
-    print(
+    n_train = len(x_train) - (round(len(x_train) * val_split) if val_split else 0)
+    held = f" ({len(x_train) - n_train} held out for validation)" if val_split else ""
+    say(
         f"training {start.name} ({model.num_params():,} parameters) on {data}: "
-        f"{len(x_train)} train / {len(x_test)} test images; {start.opt_name} lr "
+        f"{n_train} train{held} / {len(x_test)} test images; {start.opt_name} lr "
         f"{optimizer.lr:g}{decay}, batch {batch_size}, {epochs} epoch{'s' * (epochs != 1)}"
-        f"{resumed}, {model.backend.name} backend",
-        flush=True,
+        f"{resumed}, {model.backend.name} backend"
     )
+
+    hooks: list[Any] = []
+    early = None
+    if patience is not None:
+        early = EarlyStopping(patience)
+        if "early_stopping" in start.previous.get("state", {}):
+            early.load_state_dict(start.previous["state"]["early_stopping"])
+        hooks.append(early)
+    best = None
+    if args.save_best:
+        best = BestCheckpoint(args.save_best, model, optimizer, rng=start.rng)
+        if "save_best" in start.previous.get("state", {}):
+            best.load_state_dict(start.previous["state"]["save_best"])
+        hooks.append(best)
+    val = "val" if val_split else "test"  # what the per-epoch metrics were measured on
+
+    def extra() -> dict[str, Any]:
+        state = {"early_stopping": early.state_dict() if early else None,
+                 "save_best": best.state_dict() if best else None}  # fmt: skip
+        state = {k: v for k, v in state.items() if v is not None}
+        return {"scale": scale, "train": {**settings, "state": state}, "history": history}
+
+    if best is not None:
+        best.extra = extra
 
     def on_epoch(epoch: int, logs: dict[str, float]) -> None:
         for key, value in logs.items():
             history.setdefault(key, []).append(value)
-        rate = len(x_train) / logs["seconds"] if logs["seconds"] > 0 else float("inf")
-        print(
+        rate = n_train / logs["seconds"] if logs["seconds"] > 0 else float("inf")
+        say(
             f"epoch {epoch}: train loss {logs['train_loss']:.4f} acc {logs['train_accuracy']:.2%}"
-            f" | test loss {logs['val_loss']:.4f} acc {logs['val_accuracy']:.2%}"
-            f" | {logs['seconds']:.1f} s, {rate:,.0f} img/s",
-            flush=True,
+            f" | {val} loss {logs['val_loss']:.4f} acc {logs['val_accuracy']:.2%}"
+            f" | {logs['seconds']:.1f} s, {rate:,.0f} img/s"
         )
+        if args.json:
+            row = {k: v for k, v in logs.items() if not k.startswith("val_")}
+            row.update({f"{val}_loss": logs["val_loss"], f"{val}_accuracy": logs["val_accuracy"]})
+            _emit_json({**row, "lr": optimizer.lr})
         if args.save:
-            extra = {"scale": scale, "train": settings, "history": history}
-            io.save(model, args.save, optimizer, epoch=epoch, rng=start.rng, extra=extra)
+            io.save(model, args.save, optimizer, epoch=epoch, rng=start.rng, extra=extra())
 
+    hooks.append(on_epoch)
     run = fit(
         model,
         optimizer,
@@ -417,21 +577,34 @@ def _train(args: argparse.Namespace) -> int:
         y_train,
         epochs=epochs,
         batch_size=batch_size,
-        validation_data=(x_test, y_test),
+        validation_data=None if val_split else (x_test, y_test),
+        validation_split=val_split,
         scale=scale,
-        lr_decay=lr_decay,
+        lr_decay=1.0 if schedule is not None else lr_decay,
+        schedule=schedule,
+        seed=start.seed,
         rng=start.rng,
         start_epoch=start.start_epoch,
         progress=progress,
-        callback=on_epoch,
+        callbacks=hooks,
     )
+    stopped = early is not None and early.stopped_epoch is not None
+    if stopped:
+        say(
+            f"early stopping after epoch {early.stopped_epoch}: no better val accuracy for "
+            f"{early.wait} epochs (best {early.best:.2%} at epoch {early.best_epoch})"
+        )
     result = evaluate(model, x_test, y_test, scale=scale)
     seconds = float(sum(run["seconds"]))
-    print(
+    epochs_run = len(run["epoch"])
+    say(
         f"test accuracy: {result['accuracy']:.2%} (loss {result['loss']:.4f}, {len(x_test)} images)"
     )
     if args.save:
-        print(f"saved checkpoint to {args.save}")
+        say(f"saved checkpoint to {args.save}")
+    if best is not None and best.best_epoch is not None:
+        say(f"best checkpoint (val accuracy {best.best:.2%}, epoch {best.best_epoch}): "
+            f"{args.save_best}")  # fmt: skip
     if args.plots:
         plots = importlib.import_module("xcnn.plots")
         written = plots.training_plots(
@@ -442,23 +615,28 @@ def _train(args: argparse.Namespace) -> int:
             image=np.asarray(x_test[0, 0]),
         )
         for path in written:
-            print(f"wrote {path}")
+            say(f"wrote {path}")
     if args.json:
-        _emit_json(
-            {
-                **settings,
-                "train_images": len(x_train),
-                "test_images": len(x_test),
-                "epochs": start.start_epoch + epochs,
-                "train_loss": run["train_loss"][-1],
-                "train_accuracy": run["train_accuracy"][-1],
-                "test_loss": result["loss"],
-                "test_accuracy": result["accuracy"],
-                "seconds": seconds,
-                "images_per_second": len(x_train) * epochs / seconds if seconds > 0 else None,
-                "checkpoint": args.save,
-            }
-        )
+        final = {
+            **{k: v for k, v in settings.items() if k != "schedule_config"},
+            "train_images": n_train,
+            "val_images": len(x_train) - n_train,
+            "test_images": len(x_test),
+            "epochs": start.start_epoch + epochs_run,
+            "train_loss": run["train_loss"][-1] if epochs_run else None,
+            "train_accuracy": run["train_accuracy"][-1] if epochs_run else None,
+            "test_loss": result["loss"],
+            "test_accuracy": result["accuracy"],
+            "seconds": seconds,
+            "images_per_second": n_train * epochs_run / seconds if seconds > 0 else None,
+            "checkpoint": args.save,
+            "stopped_early": stopped,
+        }
+        if val_split and epochs_run:
+            final["val_accuracy"] = run["val_accuracy"][-1]
+        if best is not None:
+            final.update(best_checkpoint=args.save_best, best_val_accuracy=best.best)
+        _emit_json(final)
     return 0
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import numpy as np
-
 from . import blocks  # noqa: F401  (registers BatchNorm2D, Dropout, ... for from_config)
 from .backend import Backend, resolve_backend, to_numpy
 from .init import make_rng
@@ -100,7 +98,7 @@ class Sequential:
         self.seed = seed
         self.training = True
         # A stream apart from the weights' (seed, 1), so adding dropout never changes them.
-        self.rng = np.random.default_rng((seed, 1))
+        self.rng = make_rng((seed, 1))
         self._dt = self.backend.dtype(dtype)
         rng = make_rng(seed)
         for i, layer in enumerate(self.layers):
@@ -241,7 +239,7 @@ class Sequential:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Copy host arrays (from :meth:`state_dict`) into parameters and buffers, checking shapes."""
+        """Copy host arrays (:meth:`state_dict`) into parameters and buffers, checking shapes."""
         slots = [(k, lay, n, "params") for k, lay, n in self.named_params()]
         slots += [(k, lay, n, "buffers") for k, lay, n in self.named_buffers()]
         expected = {key for key, _, _, _ in slots}
@@ -335,10 +333,11 @@ class Sequential:
             name = f"{type(layer).__name__}" if sub is not None else repr(layer)
             rows.append((f"{indent}{prefix} {name}", shape_text(shape), f"{count(layer):,}"))
             if sub is not None:
-                for j, inner in enumerate(layer.layers):
-                    add(f"layers.{j}", inner, None, indent + "  ")
-                for j, inner in enumerate(layer.shortcut):
-                    add(f"shortcut.{j}", inner, None, indent + "  ")
+                inner_shapes = getattr(layer, "shapes", {})
+                for group in ("layers", "shortcut"):
+                    known = inner_shapes.get(group) or [None] * len(getattr(layer, group))
+                    for j, inner in enumerate(getattr(layer, group)):
+                        add(f"{group}.{j}", inner, known[j], indent + "  ")
 
         shapes = self.shapes or [None] * len(self.layers)
         for i, (layer, shape) in enumerate(zip(self.layers, shapes, strict=True)):

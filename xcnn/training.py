@@ -174,9 +174,7 @@ class NonFiniteLossError(FloatingPointError, ValueError):
     """
 
 
-def validation_split_indices(
-    y: Any, fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def validation_split_indices(y: Any, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Stratified, seeded split of ``range(len(y))`` into (train, validation) indices.
 
     Each class gives ``round(fraction * count)`` of its samples (at least one
@@ -216,11 +214,11 @@ def _subset(model: Sequential, x: Any, idx: np.ndarray) -> Any:
 
 
 def _as_callbacks(callbacks: Any, callback: Any, early: EarlyStopping | None) -> list[Any]:
-    out = list(callbacks)
+    # Early stopping first, so a checkpoint saved by a later callback holds its new state.
+    out = [] if early is None else [early]
     if callback is not None:
         out.append(callback)
-    if early is not None:
-        out.append(early)
+    out.extend(callbacks)
     for cb in out:
         if not (callable(cb) or isinstance(cb, Callback)):
             raise TypeError(f"fit: callback {cb!r} has no on_epoch_end and is not callable")
@@ -251,7 +249,7 @@ def fit(
     seed: int = 0,
     rng: np.random.Generator | None = None,
     start_epoch: int = 0,
-    progress: bool = True,
+    progress: bool | str = True,
     callback: Callable[[int, dict[str, float]], Any] | None = None,
 ) -> History:
     """Train ``model`` with mini-batch gradient descent; return the per-epoch history.
@@ -301,8 +299,9 @@ def fit(
         to resume one (its ``state_dict`` goes in the checkpoint).
     callbacks : sequence
         Objects with ``on_epoch_end(epoch, logs)`` or functions
-        ``f(epoch, logs)``, run after every epoch in order; a True result
-        stops training after that epoch (:mod:`xcnn.callbacks`).
+        ``f(epoch, logs)``, run after every epoch in order (after early
+        stopping and ``callback``); a True result from any stops training
+        after that epoch (:mod:`xcnn.callbacks`).
     seed : int
         Seeds the shuffle when ``rng`` is not given, and the validation split.
     rng : numpy.random.Generator, optional
@@ -311,9 +310,10 @@ def fit(
         (:func:`xcnn.io.load_checkpoint`) to resume exactly.
     start_epoch : int
         Epochs already done (when resuming); only numbers the epochs.
-    progress : bool
-        Show progress on stderr: a tqdm bar per epoch (loss, accuracy,
-        images/s) on a terminal, else a line about every 30 s.
+    progress : bool or "lines"
+        True: a tqdm bar per epoch (loss, accuracy, images/s) on stderr.
+        ``"lines"``: instead a plain line about every 30 s, for logs (stderr
+        not a terminal). False: nothing.
     callback : callable, optional
         ``callback(epoch, logs)`` after every epoch (before ``callbacks``),
         with ``epoch`` counted from 1 (including ``start_epoch``) and ``logs``
@@ -324,9 +324,8 @@ def fit(
     dict of lists, one entry per epoch run
         ``"epoch"`` (int), ``"train_loss"`` (mean over the epoch's samples,
         measured while the weights changed), ``"train_accuracy"``,
-        ``"val_loss"``, ``"val_accuracy"`` (with validation), ``"lr"`` (the
-        rate of the epoch's last step) and ``"seconds"`` (training time of
-        the epoch, validation excluded).
+        ``"val_loss"``, ``"val_accuracy"`` (with validation) and ``"seconds"``
+        (training time of the epoch, validation excluded).
 
     Raises
     ------
@@ -374,7 +373,7 @@ def fit(
     history: History = {"epoch": [], "train_loss": [], "train_accuracy": []}
     if val is not None:
         history.update(val_loss=[], val_accuracy=[])
-    history.update(lr=[], seconds=[])
+    history["seconds"] = []
     for epoch in range(start_epoch + 1, start_epoch + epochs + 1):
         label = f"epoch {epoch}/{start_epoch + epochs}"
 
@@ -390,7 +389,6 @@ def fit(
             val_loss, pred = _evaluate_device(model, val[0], val[1], batch_size=_EVAL_BATCH)
             logs["val_loss"] = val_loss
             logs["val_accuracy"] = float(np.mean(pred == val[2]))
-        logs["lr"] = optimizer.lr
         logs["seconds"] = seconds
         for key, value in logs.items():
             history[key].append(value)
@@ -410,7 +408,7 @@ def _train_epoch(
     y: Array,
     batch_size: int,
     rng: np.random.Generator,
-    progress: bool,
+    progress: bool | str,
     label: str,
     epoch: int = 1,
     before_step: Callable[[], None] | None = None,
@@ -432,8 +430,8 @@ def _train_epoch(
     no_bad = xp.asarray(-1, dtype=xp.int64, device=model.device)
     first_bad = no_bad
     steps = -(-n // batch_size)
-    bar_on = progress and sys.stderr.isatty()
-    lines_on = progress and not bar_on
+    lines_on = progress == "lines"
+    bar_on = bool(progress) and not lines_on
     seen, shown, last, last_line = 0, 0, start, start
     with tqdm(total=n, desc=label, unit="img", disable=not bar_on, leave=True) as bar:
         for step, i in enumerate(range(0, n, batch_size), start=1):
