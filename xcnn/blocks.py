@@ -17,9 +17,10 @@ from collections.abc import Iterator, MutableMapping, Sequence
 from typing import Any
 
 from array_api_compat import array_namespace
+from array_api_compat import device as _device
 
 from . import normalization as N
-from .backend import Backend, resolve_backend
+from .backend import Backend
 from .init import initialise, make_rng
 from .layers import LAYERS, Layer, ShapeError, layer_from_config
 
@@ -159,26 +160,20 @@ class Dropout(Layer):
         self.p = float(p)
         #: host generator of the masks; Sequential shares its ``model.rng`` here.
         self.rng: Any = make_rng(0)
-        self._backend: Backend | None = None
 
     def config(self) -> dict[str, Any]:
         return {"p": self.p}
-
-    def build(
-        self, backend: str | Backend | Any = "numpy", dtype: str = "float32", seed: Any = 0
-    ) -> Layer:
-        super().build(backend, dtype, seed)
-        self._backend = resolve_backend(backend)
-        return self
 
     def forward(self, x: Array, *, train: bool = True) -> Array:
         self.check_input(x)
         if not train or self.p == 0:
             self.cache = {"keep": None} if train else {}
             return x
-        # One host draw and one transfer per call (booleans: 1 byte per value).
-        backend = self._backend or resolve_backend(array_namespace(x))
-        keep = backend.asarray(self.rng.random(tuple(x.shape), dtype="float32") >= self.p)
+        # One host draw and one transfer per call (booleans: 1 byte per value), to
+        # wherever x lives.
+        xp = array_namespace(x)
+        keep_host = self.rng.random(tuple(x.shape), dtype="float32") >= self.p
+        keep = xp.asarray(keep_host, device=_device(x))
         self.cache = {"keep": keep}
         return N.dropout(x, keep, self.p)
 

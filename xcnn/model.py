@@ -267,9 +267,6 @@ class Sequential:
         self._dt = self.backend.dtype(self.dtype)
         for layer in self.leaves():
             layer.grads, layer.cache = {}, {}
-        for layer in self.leaves():
-            if hasattr(layer, "_backend"):  # Dropout: masks go to the new device
-                layer._backend = self.backend
         self.load_state_dict(state)
         return self
 
