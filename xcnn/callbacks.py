@@ -75,12 +75,12 @@ class _Best:
 
 
 class EarlyStopping(_Best):
-    """Stop when ``monitor`` has not improved for ``patience`` epochs in a row.
+    """Stop when ``monitor`` has not improved for ``patience`` epochs in a row (as Keras).
 
     Parameters
     ----------
     patience : int
-        Epochs without improvement tolerated; the ``patience + 1``-th stops.
+        Stop after this many epochs in a row without improvement (at least one).
     monitor : "val_accuracy" (default), "val_loss", "train_accuracy" or "train_loss"
     min_delta : float
         A change smaller than this is no improvement.
@@ -102,7 +102,8 @@ class EarlyStopping(_Best):
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any]) -> bool:
         self.wait = 0 if self.improved(epoch, logs) else self.wait + 1
-        if self.wait > self.patience:
+        # Keras's rule: patience 0 or 1 both stop at the first epoch without improvement.
+        if self.wait and self.wait >= self.patience:
             self.stopped_epoch = epoch
             return True
         return False

@@ -471,8 +471,23 @@ def _train_epoch(
                     )
                     last_line = now
         _check_finite(first_bad, epoch, steps)
+        _check_finite_weights(model, epoch)
         mean_loss, accuracy = float(loss_sum) / n, int(correct) / n
     return mean_loss, accuracy, time.perf_counter() - start
+
+
+def _check_finite_weights(model: Sequential, epoch: int) -> None:
+    """Weights can turn NaN while the loss stays finite (a ReLU maps NaN to 0): one read."""
+    xp = model.xp
+    flags = [xp.all(xp.isfinite(layer.params[name])) for _, layer, name in model.named_params()]
+    if flags and not bool(xp.all(xp.stack(flags))):
+        bad = [
+            key for (key, _, _), ok in zip(model.named_params(), flags, strict=True) if not bool(ok)
+        ]
+        raise NonFiniteLossError(
+            f"training stopped: weights became non-finite (NaN or inf) in epoch {epoch} "
+            f"({', '.join(bad[:3])}); check the inputs for NaN and lower the learning rate"
+        )
 
 
 def _check_finite(first_bad: Array, epoch: int, steps: int) -> None:
