@@ -529,7 +529,12 @@ def _train(args: argparse.Namespace) -> int:
         f"{resumed}, {model.backend.name} backend"
     )
 
-    hooks: list[Any] = []
+    def record(epoch: int, logs: dict[str, float]) -> None:
+        for key, value in logs.items():
+            history.setdefault(key, []).append(value)
+
+    # In this order: the history first, so the checkpoints written after hold this epoch.
+    hooks: list[Any] = [record]
     early = None
     if patience is not None:
         early = EarlyStopping(patience)
@@ -554,8 +559,6 @@ def _train(args: argparse.Namespace) -> int:
         best.extra = extra
 
     def on_epoch(epoch: int, logs: dict[str, float]) -> None:
-        for key, value in logs.items():
-            history.setdefault(key, []).append(value)
         rate = n_train / logs["seconds"] if logs["seconds"] > 0 else float("inf")
         say(
             f"epoch {epoch}: train loss {logs['train_loss']:.4f} acc {logs['train_accuracy']:.2%}"
