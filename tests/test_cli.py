@@ -238,7 +238,7 @@ def test_help(capsys, command):
         (["train", "--epochs", "0"], ["--epochs", "must be >= 1"]),
         (["train", "--lr", "-1"], ["--lr", "must be > 0"]),
         (["train", "--batch-size", "x"], ["--batch-size", "expected an integer"]),
-        (["train", "--model", "resnet"], ["invalid choice: 'resnet'"]),
+        (["train", "--model", "vgg"], ["invalid choice: 'vgg'"]),
         (["sobel", "--out", "x.png"], ["one of the arguments IMAGE --digit is required"]),
         (["sobel", "--digit", "12", "--out", "x.png"], ["--digit"]),
     ],
