@@ -20,20 +20,31 @@ from .model import Sequential
 __all__ = ["MODELS", "RECIPES", "Recipe", "build_model"]
 
 
-def _seed_layers(c: int, k: int) -> list[Layer]:
+Shape = tuple[int, int, int]
+MNIST: Shape = (1, 28, 28)
+
+
+def _seed_layers(shape: Shape = MNIST, k: int = 10) -> list[Layer]:
     # The tutorial's Conv3x3 has no bias, and none is needed: without an
     # activation before the pooling, a per-filter constant passes unchanged
     # through the max and is absorbed exactly by the dense layer's bias.
     # "tutorial" init: randn / 9 for the 3x3 filters, randn / 1352 for dense.
+    c, h, w = shape
     return [
         Conv2D(c, 8, 3, bias=False, init="tutorial"),  # (N, 1, 28, 28) -> (N, 8, 26, 26)
         MaxPool2D(2),  # -> (N, 8, 13, 13)
         Flatten(),  # -> (N, 1352)
-        Dense(k, init="tutorial"),  # -> (N, 10) logits; softmax lives in the loss
+        Dense(8 * _n((h - 2) // 2) * _n((w - 2) // 2), k, init="tutorial"),  # -> (N, 10) logits
     ]
 
 
-def _lenet_layers(c: int, k: int) -> list[Layer]:
+def _n(size: int) -> int:
+    # An image too small for the net: the convolution or pooling before reports it
+    # (Sequential checks the shapes in order); never a Dense error first.
+    return max(size, 1)
+
+
+def _lenet_layers(shape: Shape = MNIST, k: int = 10) -> list[Layer]:
     """PyTorch's MNIST example net (pytorch/examples mnist/main.py) without its two dropouts.
 
     Not LeNet: 3x3 convolutions and a 9216-wide dense layer, 1,199,882
@@ -41,6 +52,7 @@ def _lenet_layers(c: int, k: int) -> list[Layer]:
     """
     # He init where a ReLU follows (it keeps the activations' variance from
     # shrinking layer by layer); Glorot for the logits, which no ReLU halves.
+    c, h, w = shape
     return [
         Conv2D(c, 32, 3, init="he"),  # (N, 1, 28, 28) -> (N, 32, 26, 26)
         ReLU(),
@@ -48,19 +60,20 @@ def _lenet_layers(c: int, k: int) -> list[Layer]:
         ReLU(),
         MaxPool2D(2),  # -> (N, 64, 12, 12)
         Flatten(),  # -> (N, 9216)
-        Dense(128, init="he"),  # -> (N, 128)
+        Dense(64 * _n((h - 4) // 2) * _n((w - 4) // 2), 128, init="he"),  # -> (N, 128)
         ReLU(),
         Dense(k, init="glorot"),  # -> (N, 10) logits
     ]
 
 
-def _lenet5_layers(c: int, k: int) -> list[Layer]:
+def _lenet5_layers(shape: Shape = MNIST, k: int = 10) -> list[Layer]:
     """LeNet-5 (LeCun et al., 1998) with today's ReLU and max pooling.
 
     The paper's 32x32 input is the 28x28 digit padded by 2, here the first
     convolution's ``padding=2``: C1 6@28x28, S2 6@14x14, C3 16@10x10, S4
     16@5x5, C5 120, F6 84, output 10; 61,706 parameters at 28x28x1.
     """
+    c, h, w = shape
     return [
         Conv2D(c, 6, 5, padding=2, init="he"),  # (N, 1, 28, 28) -> (N, 6, 28, 28)
         ReLU(),
@@ -69,34 +82,35 @@ def _lenet5_layers(c: int, k: int) -> list[Layer]:
         ReLU(),
         MaxPool2D(2),  # -> (N, 16, 5, 5)
         Flatten(),  # -> (N, 400)
-        Dense(120, init="he"),  # C5: a 5x5 convolution over a 5x5 map is a dense layer
+        # C5: a 5x5 convolution over a 5x5 map is a dense layer
+        Dense(16 * _n((h // 2 - 4) // 2) * _n((w // 2 - 4) // 2), 120, init="he"),
         ReLU(),
-        Dense(84, init="he"),
+        Dense(120, 84, init="he"),
         ReLU(),
-        Dense(k, init="glorot"),  # -> (N, 10) logits
+        Dense(84, k, init="glorot"),  # -> (N, 10) logits
     ]
 
 
-def _block(out_channels: int, *, project: bool) -> list[Layer]:
+def _block(in_channels: int, out_channels: int) -> list[Layer]:
     """conv-BN-ReLU-conv-BN + shortcut, then ReLU (He et al., 2016, "basic block").
 
-    ``project``: the block widens the channels, so the shortcut is a 1x1
+    A block that widens the channels projects the shortcut with a 1x1
     convolution and BatchNorm (the "B" option of the paper) instead of the identity.
     """
     branch = [
-        Conv2D(out_channels=out_channels, kernel_size=3, padding=1, bias=False),
-        BatchNorm2D(),
+        Conv2D(in_channels, out_channels, 3, padding=1, bias=False),
+        BatchNorm2D(out_channels),
         ReLU(),
-        Conv2D(out_channels=out_channels, kernel_size=3, padding=1, bias=False),
-        BatchNorm2D(),
+        Conv2D(out_channels, out_channels, 3, padding=1, bias=False),
+        BatchNorm2D(out_channels),
     ]
     shortcut: list[Layer] = []
-    if project:
-        shortcut = [Conv2D(out_channels=out_channels, kernel_size=1, bias=False), BatchNorm2D()]
+    if in_channels != out_channels:
+        shortcut = [Conv2D(in_channels, out_channels, 1, bias=False), BatchNorm2D(out_channels)]
     return [Residual(branch, shortcut=shortcut), ReLU()]
 
 
-def _resnet_layers(c: int, k: int) -> list[Layer]:
+def _resnet_layers(shape: Shape = MNIST, k: int = 10) -> list[Layer]:
     """A small ResNet: a 16-channel stem, three residual blocks of 16, 32, 64 channels.
 
     The maps are halved by 2x2 max pooling before the 32- and 64-channel
@@ -107,22 +121,23 @@ def _resnet_layers(c: int, k: int) -> list[Layer]:
     a bias), dropout before the logits.
     """
     return [
-        Conv2D(c, 16, 3, padding=1, bias=False),  # (N, C, H, W) -> (N, 16, H, W)
+        Conv2D(shape[0], 16, 3, padding=1, bias=False),  # (N, C, H, W) -> (N, 16, H, W)
         BatchNorm2D(16),
         ReLU(),
-        *_block(16, project=False),  # -> (N, 16, H, W)
+        *_block(16, 16),  # -> (N, 16, H, W)
         MaxPool2D(2),  # -> (N, 16, H/2, W/2)
-        *_block(32, project=True),  # -> (N, 32, H/2, W/2)
+        *_block(16, 32),  # -> (N, 32, H/2, W/2)
         MaxPool2D(2),  # -> (N, 32, H/4, W/4)
-        *_block(64, project=True),  # -> (N, 64, H/4, W/4)
+        *_block(32, 64),  # -> (N, 64, H/4, W/4)
         GlobalAvgPool2D(),  # -> (N, 64)
         Dropout(0.2),
-        Dense(k, init="glorot"),  # -> (N, K) logits
+        Dense(64, k, init="glorot"),  # -> (N, K) logits
     ]
 
 
-#: name -> function ``(channels, num_classes) -> unbuilt layers``.
-MODELS: dict[str, Callable[[int, int], list[Layer]]] = {
+#: name -> function ``(input_shape=(1, 28, 28), num_classes=10) -> unbuilt layers``, every
+#: size given (``MODELS["seed"]()`` builds without an input shape).
+MODELS: dict[str, Callable[..., list[Layer]]] = {
     "seed": _seed_layers,
     "lenet": _lenet_layers,
     "lenet5": _lenet5_layers,
@@ -235,7 +250,7 @@ def build_model(
         raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
     recipe = RECIPES.get(name)
     return Sequential(
-        layers(shape[0], num_classes),
+        layers(shape, num_classes),
         input_shape=shape,
         backend=backend,
         device=device,
