@@ -42,9 +42,13 @@ GROUPS = {
         "ReLU",
         "Flatten",
         "Softmax",
+        "BatchNorm2D",
+        "Dropout",
+        "GlobalAvgPool2D",
+        "Residual",
     ],
     "Loss": ["softmax_cross_entropy"],
-    "Optimizers": ["Optimizer", "SGD", "Adam", "make_optimizer"],
+    "Optimizers": ["Optimizer", "SGD", "Adam", "AdamW", "make_optimizer"],
     "Training, models and checkpoints": [
         "fit",
         "evaluate",
@@ -60,11 +64,14 @@ GROUPS = {
 MODULES = [
     "xcnn.models",
     "xcnn.training",
+    "xcnn.callbacks",
+    "xcnn.schedules",
     "xcnn.datasets",
     "xcnn.io",
     "xcnn.testing",
     "xcnn.plots",
     "xcnn.functional",
+    "xcnn.normalization",
 ]
 
 LIST_SECTIONS = {
