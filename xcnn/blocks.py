@@ -363,9 +363,6 @@ class Residual(Layer):
         self.cache = {}
         return self
 
-    def check_input(self, x: Array) -> None:
-        super().check_input(x)
-
     def forward(self, x: Array, *, train: bool = True) -> Array:
         self.check_input(x)
         y = x
