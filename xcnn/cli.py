@@ -33,7 +33,7 @@ from .backend import BackendError
 from .callbacks import BestCheckpoint, EarlyStopping
 from .models import MODELS, RECIPES, Recipe, build_model
 from .optim import OPTIMIZERS, make_optimizer
-from .training import SCALES, evaluate, fit, predict, scale_images
+from .training import SCALES, evaluate, fit, predict, scale_images, validation_split_indices
 
 __all__ = ["main", "build_parser"]
 
@@ -520,7 +520,11 @@ def _train(args: argparse.Namespace) -> int:
     else:
         decay = f" (x{lr_decay:g} per epoch)" if lr_decay != 1 else ""
     resumed = f" from epoch {start.start_epoch}" if start.start_epoch else ""
-    n_train = len(x_train) - (round(len(x_train) * val_split) if val_split else 0)
+    n_train = (
+        len(validation_split_indices(y_train, val_split, start.seed)[0])
+        if val_split
+        else len(x_train)
+    )
     held = f" ({len(x_train) - n_train} held out for validation)" if val_split else ""
     say(
         f"training {start.name} ({model.num_params():,} parameters) on {data}: "
