@@ -2,16 +2,42 @@
 
 Usage::
 
-    python -m benchmarks.accuracy [--data DIR] [--models seed,lenet] [--train-size N]
-                                  [--epochs N] [--backend numpy] [--json]
+    python -m benchmarks.accuracy [--data DIR] [--models seed,lenet,lenet5,resnet]
+                                  [--train-size N] [--epochs N] [--backend numpy]
+                                  [--val-split F] [--json]
 
 Trains each model with its :data:`xcnn.models.RECIPES` entry (the defaults of
-``xcnn train``), evaluates the 10,000 test images after every epoch, and
-prints one table row per model plus the environment. Targets: the seed net
->= 97.4% within 3 epochs, LeNet >= 99.0% within 5.
+``xcnn train``: optimizer, rate, schedule, warm-up, weight decay, batch,
+epochs), evaluates the 10,000 test images after every epoch, and prints one
+table row per model plus the environment. Targets: the seed net >= 97.4%
+within 3 epochs, LeNet >= 99.0% within 5, LeNet-5 >= 98.9% within 10, the
+residual net >= 99.4% within 5.
 
-``--train-size`` and ``--epochs`` make quick estimates (not comparable with
-the targets); the data default is ``../shared/data/mnist`` beside the repo.
+``--val-split 0.1`` trains on a stratified 90% of the training set and
+reports the accuracy on the held-out 10% beside the test accuracy: the
+lenet5 and resnet recipes were chosen on that validation accuracy, never on
+the test set. ``--train-size`` and ``--epochs`` make quick estimates (not
+comparable with the targets); the data default is ``../shared/data/mnist``
+beside the repo.
+
+Measured (2 AMD EPYC cores shared with other jobs, NumPy 2.4, OpenBLAS with
+``OPENBLAS_NUM_THREADS=1`` -- two BLAS threads on a loaded machine spend most
+of their time spinning -- under ``nice -n 10``)::
+
+    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 nice -n 10 python -m benchmarks.accuracy \
+        --data ../shared/data/mnist --models lenet5 --val-split 0.1 --json
+
+    lenet5, Adam lr 0.002 cosine, batch 64, 54,000 train images:
+      val  97.88 98.20 98.33 98.55 98.53 98.72 98.78 98.83 98.75 98.73 %
+      test 98.01 98.67 98.85 99.03 98.99 98.99 99.16 99.23 99.23 99.25 %  (target met)
+      epoch times 250 140 108 114 59 100 82 80 106 30 s, mean 107 s (wall clock,
+      set by the other jobs' load, not by the net)
+
+    resnet, AdamW lr 0.003 (weight decay 0.01), 0.3 epochs of warm-up then cosine,
+    batch 128, 54,000 train images, the recipe run for 3 epochs (--epochs 3):
+      val  96.13 99.10 99.28 %
+      test 96.55 99.20 99.32 %  (below the 99.4% target in 3 epochs)
+      epoch times 1197 257 114 s (the first under the heaviest load)
 
 CIFAR-10 (``--cifar PATH``: a directory holding ``cifar-10-batches-bin/`` or the official
 ``cifar-10-binary.tar.gz``, or ``--cifar download`` to fetch it into the cache) trains the
@@ -41,17 +67,46 @@ from xcnn.models import RECIPES, build_model
 from xcnn.training import fit
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
-TARGETS = {"seed": (3, 0.974), "lenet": (5, 0.990)}  # model: (within epochs, test accuracy)
+# model: (within epochs, test accuracy)
+TARGETS = {"seed": (3, 0.974), "lenet": (5, 0.990), "lenet5": (10, 0.989), "resnet": (5, 0.994)}
 
 
 def run_model(
-    name: str, data: datasets.Splits, *, epochs: int | None, backend: str, progress: bool
+    name: str,
+    data: datasets.Splits,
+    *,
+    epochs: int | None,
+    backend: str,
+    progress: bool,
+    val_split: float = 0.0,
 ) -> dict[str, Any]:
-    """Train ``name`` with its recipe; per-epoch test accuracy and timings."""
+    """Train ``name`` with its recipe; per-epoch test (and validation) accuracy and timings.
+
+    With ``val_split`` the model trains on the rest of the training set and
+    the validation accuracy (what the recipe was chosen on) is reported
+    beside the test accuracy, which is only measured, never used for a choice.
+    """
     recipe = RECIPES[name]
     epochs = recipe.epochs if epochs is None else epochs
     model = build_model(name, backend=backend, seed=0)
-    optimizer = xcnn.make_optimizer(recipe.optimizer, model, recipe.lr)
+    decay = recipe.weight_decay if recipe.optimizer != "adam" else None
+    optimizer = xcnn.make_optimizer(recipe.optimizer, model, recipe.lr, weight_decay=decay)
+    schedule = None
+    if recipe.schedule != "step":
+        schedule = xcnn.schedules.make_schedule(
+            recipe.schedule, recipe.lr, epochs=epochs, warmup_epochs=recipe.warmup
+        )
+    tests: list[float] = []
+
+    def per_epoch(epoch: int, logs: dict[str, Any]) -> None:
+        tests.append(xcnn.evaluate(model, data.x_test, data.y_test)["accuracy"])
+        val = f"val {logs['val_accuracy']:.2%}, " if "val_accuracy" in logs else ""
+        # A line per epoch: a full run takes minutes per epoch on two shared cores.
+        print(
+            f"  {name} epoch {epoch}/{epochs}: {val}test {tests[-1]:.2%}, {logs['seconds']:.1f} s",
+            flush=True,
+        )
+
     history = fit(
         model,
         optimizer,
@@ -59,21 +114,18 @@ def run_model(
         data.y_train,
         epochs=epochs,
         batch_size=recipe.batch_size,
-        validation_data=(data.x_test, data.y_test),
+        validation_split=val_split,
         scale=recipe.scale,
-        lr_decay=recipe.lr_decay,
+        lr_decay=recipe.lr_decay if schedule is None else 1.0,
+        schedule=schedule,
         seed=0,
         progress=progress,
-        # A line per epoch: a full LeNet run takes a quarter of an hour on two cores.
-        callback=lambda epoch, logs: print(
-            f"  {name} epoch {epoch}/{epochs}: test {logs['val_accuracy']:.2%}, "
-            f"{logs['seconds']:.1f} s",
-            flush=True,
-        ),
+        callback=per_epoch,
     )
     seconds = float(np.mean(history["seconds"]))
     within, target = TARGETS.get(name, (epochs, 0.0))
-    best = max(history["val_accuracy"][:within])
+    best = max(tests[:within])
+    train_images = round(len(data.x_train) * (1 - val_split))
     return {
         "model": name,
         "params": model.num_params(),
@@ -81,11 +133,15 @@ def run_model(
         "optimizer": recipe.optimizer,
         "lr": recipe.lr,
         "lr_decay": recipe.lr_decay,
+        "schedule": recipe.schedule + (f"+warmup {recipe.warmup:g}" if recipe.warmup else ""),
+        "weight_decay": recipe.weight_decay,
         "batch": recipe.batch_size,
-        "train_images": len(data.x_train),
-        "test_accuracy": history["val_accuracy"],
+        "train_images": train_images,
+        "val_accuracy": history.get("val_accuracy", []),
+        "test_accuracy": tests,
+        "epoch_seconds": history["seconds"],
         "seconds_per_epoch": seconds,
-        "images_per_second": len(data.x_train) / seconds,
+        "images_per_second": train_images / seconds,
         "target": target,
         "target_epochs": within,
         "met": best >= target,
@@ -135,6 +191,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     body = []
     for r in rows:
         lr = f"{r['lr']:g}" + (f" x{r['lr_decay']:g}/ep" if r["lr_decay"] != 1 else "")
+        if r.get("schedule", "step") != "step":
+            lr += f" {r['schedule']}"
         accs = " ".join(f"{a:.2%}" for a in r["test_accuracy"])
         verdict = "met" if r["met"] else "MISSED"
         target = f">={r['target']:.1%} in {r['target_epochs']}: {verdict}"
@@ -164,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, help="override the recipes' epochs (an estimate)")
     parser.add_argument("--backend", default="numpy")
     parser.add_argument(
+        "--val-split",
+        type=float,
+        default=0.0,
+        help="hold out this stratified fraction of the training set and report its accuracy",
+    )
+    parser.add_argument(
         "--json", action="store_true", help="also print the results as JSON (last line)"
     )
     parser.add_argument("--cifar", metavar="PATH", help="run on CIFAR-10 instead (see above)")
@@ -188,7 +252,12 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         rows.append(
             run_model(
-                name, data, epochs=args.epochs, backend=args.backend, progress=sys.stderr.isatty()
+                name,
+                data,
+                epochs=args.epochs,
+                backend=args.backend,
+                progress=sys.stderr.isatty(),
+                val_split=args.val_split,
             )
         )
         print(f"{name}: done in {time.perf_counter() - start:.0f} s", flush=True)

@@ -42,9 +42,13 @@ GROUPS = {
         "ReLU",
         "Flatten",
         "Softmax",
+        "BatchNorm2D",
+        "Dropout",
+        "GlobalAvgPool2D",
+        "Residual",
     ],
     "Loss": ["softmax_cross_entropy"],
-    "Optimizers": ["Optimizer", "SGD", "Adam", "make_optimizer"],
+    "Optimizers": ["Optimizer", "SGD", "Adam", "AdamW", "make_optimizer"],
     "Training, models and checkpoints": [
         "fit",
         "evaluate",
@@ -61,6 +65,8 @@ MODULES = [
     "xcnn.models",
     "xcnn.training",
     "xcnn.distributed",
+    "xcnn.callbacks",
+    "xcnn.schedules",
     "xcnn.datasets",
     "xcnn.sources",
     "xcnn.image_folder",
@@ -70,7 +76,6 @@ MODULES = [
     "xcnn.io",
     "xcnn.atomic",
     "xcnn.runs",
-    "xcnn.images",
     "xcnn.testing",
     "xcnn.plots",
     "xcnn.functional",
@@ -79,6 +84,7 @@ MODULES = [
     "xcnn.digits",
     "xcnn.export",
     "xcnn.serve",
+    "xcnn.normalization",
 ]
 
 LIST_SECTIONS = {

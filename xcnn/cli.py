@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import json
 import math
@@ -36,13 +37,13 @@ from typing import Any
 
 import numpy as np
 
-from . import datasets, distributed, images, io, runs
+from . import __version__, datasets, distributed, images, io, runs, schedules
 from .atomic import check_writable
 from .augment import parse_augment
 from .backend import BackendError
-from .models import MODELS, RECIPES
+from .models import MODELS, RECIPES, build_model
 from .optim import MAX_LR, OPTIMIZERS
-from .training import SCALES, evaluate, fit
+from .training import SCALES, evaluate, fit, validation_split_indices
 
 __all__ = ["main", "build_parser"]
 
@@ -103,6 +104,36 @@ def _number(low: float, high: float):
     return parse
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected C,H,W such as 1,28,28, got {text!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected three sizes >= 1 (C,H,W), got {text!r}")
+    return shape
+
+
 def _augment_spec(text: str) -> str:
     try:
         return parse_augment(text).spec()
@@ -158,12 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="xcnn",
         description="Train and use small CNNs written from scratch against the array API.",
     )
+    parser.add_argument("--version", action="version", version=f"xcnn {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (
         _train_parser,
         _evaluate_parser,
         _predict_parser,
         _sobel_parser,
+        _summary_parser,
         _export_parser,
         _serve_parser,
     ):
@@ -205,6 +238,43 @@ def _train_parser(sub: Any) -> None:
     )
     t.add_argument("--optimizer", choices=OPTIMIZERS, help="default: the recipe's")
     t.add_argument(
+        "--weight-decay",
+        type=_nonnegative_float,
+        metavar="WD",
+        help="decoupled weight decay (sgd, momentum, adamw; default: the recipe's)",
+    )
+    t.add_argument(
+        "--schedule",
+        choices=schedules.SCHEDULES,
+        help="learning-rate schedule over the run: constant, step (x --lr-decay per epoch), "
+        "cosine (to 0 at the last epoch) (default: the recipe's)",
+    )
+    t.add_argument(
+        "--warmup",
+        type=_nonnegative_float,
+        metavar="EPOCHS",
+        help="linear learning-rate warm-up over the first EPOCHS (may be fractional)",
+    )
+    t.add_argument(
+        "--val-split",
+        type=_fraction,
+        metavar="F",
+        help="hold out a stratified, seeded fraction F of the training images for validation "
+        "after every epoch (default: 0, the test set is evaluated after every epoch instead)",
+    )
+    t.add_argument(
+        "--early-stopping",
+        type=_count(0),
+        metavar="N",
+        help="stop when the validation accuracy has not improved for N epochs (needs --val-split)",
+    )
+    t.add_argument(
+        "--save-best",
+        metavar="PATH",
+        help="write a checkpoint here whenever the validation accuracy improves "
+        "(needs --val-split)",
+    )
+    t.add_argument(
         "--scale",
         choices=sorted(SCALES),
         help="input scaling: unit x/255, centered x/255-0.5 (default), "
@@ -235,7 +305,10 @@ def _train_parser(sub: Any) -> None:
         "one rank per GPU), auto (default: mpi when launched on more than one rank) or none",
     )
     t.add_argument(
-        "--json", action="store_true", help="print the final metrics as JSON (last line)"
+        "--json",
+        action="store_true",
+        help="print one JSON object per epoch, then the final metrics as JSON (last line); "
+        "the human-readable text goes to stderr",
     )
     t.add_argument(
         "--no-progress",
@@ -342,6 +415,27 @@ def _serve_parser(sub: Any) -> None:
     )
 
 
+# -- summary -------------------------------------------------------------------
+
+
+def _summary_parser(sub: Any) -> None:
+    m = sub.add_parser(
+        "summary",
+        help="table of a named model's layers, output shapes and parameters",
+        description="Print each layer of a named model with its output shape and parameter "
+        "count, and the total.",
+    )
+    m.add_argument("--model", required=True, choices=sorted(MODELS), help="architecture")
+    m.add_argument(
+        "--input-shape",
+        type=_shape,
+        metavar="C,H,W",
+        help="one image's shape (default: 1,28,28, MNIST)",
+    )
+    m.add_argument("--classes", type=_count(1), default=10, metavar="K", help="number of classes")
+    m.set_defaults(func=_summary)
+
+
 # -- running a command --------------------------------------------------------------
 
 
@@ -389,6 +483,12 @@ class _Out:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             os.close(devnull)
+
+
+def _summary(args: argparse.Namespace) -> int:
+    model = build_model(args.model, input_shape=args.input_shape, num_classes=args.classes)
+    print(model.summary())
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -463,12 +563,13 @@ def _train(args: argparse.Namespace) -> int:
     comm = distributed.resolve(args.distributed)
     comm.mute_unless_root()
     if not comm.is_root:
-        args.save, args.plots, args.json = None, None, False
+        args.save, args.save_best, args.plots, args.json = None, None, None, False
     if args.device is None and comm.device is not None:
         args.device = str(comm.device)
     # Everything that can be checked is checked before any training.
-    if args.save is not None:
-        check_writable(args.save)
+    for path in (args.save, args.save_best):
+        if path is not None:
+            check_writable(path)
     if args.plots is not None:
         _check_plots_dir(args.plots)
     ck = None
@@ -479,10 +580,15 @@ def _train(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise ValueError(f"{args.resume}: {e}" if ck is not None else str(e)) from None
     s = settings
-    progress = not args.no_progress and sys.stderr.isatty()
+    if (s.early_stopping is not None or args.save_best) and not s.val_split:
+        raise ValueError("--early-stopping and --save-best watch the validation accuracy: "
+                         "give --val-split (e.g. 0.1)")  # fmt: skip
+    # With --json, stdout carries only JSON lines; the human-readable text goes to stderr.
+    say = _Out.say if not args.json else functools.partial(print, file=sys.stderr, flush=True)
+    progress = False if args.no_progress else (True if sys.stderr.isatty() else "lines")
     # Data before the model: a fresh model is built for the data's shape and classes.
     splits = runs.load_splits(
-        s.data, s.train_size, s.test_size, progress=progress, image_size=s.image_size
+        s.data, s.train_size, s.test_size, progress=progress is True, image_size=s.image_size
     )
     x_train, y_train, x_test, y_test = splits[:4]
     run = runs.start_run(
@@ -492,52 +598,81 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint=ck,
         new_lr=args.lr,
         data=splits,
+        save_best=args.save_best,
     )
-    model, optimizer = run.model, run.optimizer
-    decay = f" (x{s.lr_decay:g} per epoch)" if s.lr_decay != 1 else ""
+    model, optimizer, schedule = run.model, run.optimizer, run.schedule()
+    if schedule is not None:
+        decay = f" ({s.schedule} schedule" + (
+            f", {s.warmup:g} warm-up epochs)" if s.warmup else ")"
+        )
+    else:
+        decay = f" (x{s.lr_decay:g} per epoch)" if s.lr_decay != 1 else ""
     resumed = f" from epoch {run.start_epoch}" if run.start_epoch else ""
-    _Out.say(
+    n_train = len(x_train)
+    if s.val_split:
+        n_train = len(validation_split_indices(y_train, s.val_split, s.seed)[0])
+    held = f" ({len(x_train) - n_train} held out for validation)" if s.val_split else ""
+    say(
         f"training {s.model} ({model.num_params():,} parameters) on {s.data}: "
-        f"{len(x_train)} train / {len(x_test)} test images; {s.optimizer} lr "
+        f"{n_train} train{held} / {len(x_test)} test images; {s.optimizer} lr "
         f"{optimizer.lr:g}{decay}, batch {s.batch_size}, {s.epochs} epoch{'s' * (s.epochs != 1)}"
         f"{resumed}, {model.backend.name} backend"
     )
+    val = "val" if s.val_split else "test"  # what the per-epoch metrics were measured on
 
     def on_epoch(epoch: int, logs: dict[str, float]) -> None:
-        run.record_epoch(logs)
-        rate = len(x_train) / logs["seconds"] if logs["seconds"] > 0 else float("inf")
-        _Out.say(
+        rate = n_train / logs["seconds"] if logs["seconds"] > 0 else float("inf")
+        say(
             f"epoch {epoch}: train loss {logs['train_loss']:.4f} acc {logs['train_accuracy']:.2%}"
-            f" | test loss {logs['val_loss']:.4f} acc {logs['val_accuracy']:.2%}"
+            f" | {val} loss {logs['val_loss']:.4f} acc {logs['val_accuracy']:.2%}"
             f" | {logs['seconds']:.1f} s, {rate:,.0f} img/s"
         )
+        if args.json:
+            row = {k: v for k, v in logs.items() if not k.startswith("val_")}
+            row.update({f"{val}_loss": logs["val_loss"], f"{val}_accuracy": logs["val_accuracy"]})
+            _emit_json({**row, "lr": optimizer.lr})
         if args.save:
             run.save(args.save, epoch)
 
-    history = fit(
+    # In this order: the history first, so the checkpoints written after hold this epoch.
+    hist = fit(
         model,
         optimizer,
         x_train,
         y_train,
         epochs=s.epochs,
         batch_size=s.batch_size,
-        validation_data=(x_test, y_test),
+        validation_data=None if s.val_split else (x_test, y_test),
+        validation_split=s.val_split,
         scale=s.scale,
-        lr_decay=s.lr_decay,
+        lr_decay=1.0 if schedule is not None else s.lr_decay,
+        schedule=schedule,
+        seed=s.seed,
         rng=run.rng,
         start_epoch=run.start_epoch,
         progress=progress,
-        callback=on_epoch,
+        callbacks=[run.record_epoch, *run.callbacks(), on_epoch],
         distributed=comm,
         augment=parse_augment(s.augment) if s.augment else None,
     )
+    early, best = run.early, run.best
+    stopped = early is not None and early.stopped_epoch is not None
+    if stopped:
+        say(
+            f"early stopping after epoch {early.stopped_epoch}: no better val accuracy for "
+            f"{early.wait} epochs (best {early.best:.2%} at epoch {early.best_epoch})"
+        )
     result = evaluate(model, x_test, y_test, scale=s.scale)
-    seconds = float(sum(history["seconds"]))
-    _Out.say(
+    seconds = float(sum(hist["seconds"]))
+    epochs_run = len(hist["epoch"])
+    say(
         f"test accuracy: {result['accuracy']:.2%} (loss {result['loss']:.4f}, {len(x_test)} images)"
     )
     if args.save:
-        _Out.say(f"saved checkpoint to {args.save}")
+        say(f"saved checkpoint to {args.save}")
+    if best is not None and best.best_epoch is not None:
+        say(f"best checkpoint (val accuracy {best.best:.2%}, epoch {best.best_epoch}): "
+            f"{args.save_best}")  # fmt: skip
     if args.plots:
         plots = importlib.import_module("xcnn.plots")
         written = plots.training_plots(
@@ -548,25 +683,30 @@ def _train(args: argparse.Namespace) -> int:
             image=np.asarray(x_test[0, 0]),
         )
         for path in written:
-            _Out.say(f"wrote {path}")
+            say(f"wrote {path}")
     if args.json:
-        _emit_json(
-            {
-                **s.record(),
-                "backend": model.backend.name,
-                "classes": model.classes,
-                "train_images": len(x_train),
-                "test_images": len(x_test),
-                "epochs": run.start_epoch + s.epochs,
-                "train_loss": history["train_loss"][-1],
-                "train_accuracy": history["train_accuracy"][-1],
-                "test_loss": result["loss"],
-                "test_accuracy": result["accuracy"],
-                "seconds": seconds,
-                "images_per_second": len(x_train) * s.epochs / seconds if seconds > 0 else None,
-                "checkpoint": args.save,
-            }
-        )
+        final = {
+            **{k: v for k, v in s.record().items() if k != "schedule_config"},
+            "backend": model.backend.name,
+            "classes": model.classes,
+            "train_images": n_train,
+            "val_images": len(x_train) - n_train,
+            "test_images": len(x_test),
+            "epochs": run.start_epoch + epochs_run,
+            "train_loss": hist["train_loss"][-1] if epochs_run else None,
+            "train_accuracy": hist["train_accuracy"][-1] if epochs_run else None,
+            "test_loss": result["loss"],
+            "test_accuracy": result["accuracy"],
+            "seconds": seconds,
+            "images_per_second": n_train * epochs_run / seconds if seconds > 0 else None,
+            "checkpoint": args.save,
+            "stopped_early": stopped,
+        }
+        if s.val_split and epochs_run:
+            final["val_accuracy"] = hist["val_accuracy"][-1]
+        if best is not None:
+            final.update(best_checkpoint=args.save_best, best_val_accuracy=best.best)
+        _emit_json(final)
     return 0
 
 

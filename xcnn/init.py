@@ -8,12 +8,13 @@ backend: weights are drawn here in float64 and only then cast and moved.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
 __all__ = ["INITIALISERS", "initialise", "make_rng"]
 
-INITIALISERS = ("he", "glorot", "tutorial", "zeros")
+INITIALISERS = ("he", "glorot", "tutorial", "zeros", "ones")
 
 
 def initialise(
@@ -30,7 +31,8 @@ def initialise(
         alike in both directions (Glorot & Bengio, 2010). ``"tutorial"``: the
         from-scratch tutorial's ``randn / fan_in`` (``randn / 9`` for 3x3
         filters, ``randn / input_len`` for dense): dividing keeps the first
-        outputs small so softmax does not saturate. ``"zeros"``.
+        outputs small so softmax does not saturate. ``"zeros"``, ``"ones"``
+        (BatchNorm's scale; ``rng`` is not used and may be None).
     fan_in, fan_out : int
         Inputs feeding one output unit, outputs fed by one input unit.
     """
@@ -43,9 +45,12 @@ def initialise(
         return rng.standard_normal(shape) / fan_in
     if name == "zeros":
         return np.zeros(shape)
+    if name == "ones":
+        return np.ones(shape)
     raise ValueError(f"unknown initialiser {name!r}: use one of {INITIALISERS}")
 
 
-def make_rng(seed: int | np.random.Generator | None) -> np.random.Generator:
-    """A host generator from a seed (or the generator itself, to share one stream)."""
+def make_rng(seed: Any) -> np.random.Generator:
+    """A host generator from a seed, or a sequence of ints (``(seed, 1)``: a second
+    stream of one seed), or the generator itself, to share one stream."""
     return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)

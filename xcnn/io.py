@@ -168,6 +168,9 @@ def save(
     if isinstance(rng, np.random.Generator):
         rng = rng.bit_generator.state
     arrays = {_PARAM + k: v for k, v in model.state_dict().items()}
+    bad = [k for k, v in arrays.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+    if bad:  # refuse before touching the file: the last good checkpoint stays
+        raise ValueError(f"save: {path}: not written, non-finite values in {bad[:3]}")
     optim_meta = None
     if optimizer is not None:
         state = optimizer.state_dict()
@@ -181,6 +184,7 @@ def save(
         "optimizer": optim_meta,
         "epoch": None if epoch is None else int(epoch),
         "rng_state": rng,
+        "model_rng_state": model.rng.bit_generator.state,  # dropout masks
         "extra": {} if extra is None else extra,
         "arrays": {
             k: {"shape": list(v.shape), "dtype": v.dtype.str, "sha256": _sha256(v)}
@@ -334,7 +338,9 @@ class _ShapeProbe:
 
 
 def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes the architecture implies, keyed as ``state_dict``: no weights drawn.
+    """Parameter and buffer shapes the architecture implies, keyed as ``state_dict``.
+
+    No weights are drawn.
 
     Only drawn initialisers are probed; a ``"zeros"`` bias is created for real, which
     is small beside its layer's weight (and that weight's shape is known by then).
@@ -345,6 +351,9 @@ def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
 
     def probe(layer: Any, prefix: str) -> None:
         for name, value in layer.init_params(_ShapeProbe()).items():
+            shapes[prefix + name] = tuple(int(d) for d in value.shape)
+        # Buffers (BatchNorm's running statistics) are made for real: (C,) vectors.
+        for name, value in layer.init_buffers().items():
             shapes[prefix + name] = tuple(int(d) for d in value.shape)
         for attr in ("layers", "shortcut"):
             for j, child in enumerate(getattr(layer, attr, None) or ()):
@@ -588,6 +597,11 @@ def load_checkpoint(
     except ValueError as e:
         raise CheckpointError(f"{path}: weights do not fit the saved architecture ({e})") from None
     optimizer = _restore_optimizer(path, model, meta.get("optimizer"), optim_arrays)
+    if meta.get("model_rng_state") is not None:
+        try:
+            model.rng.bit_generator.state = restore_rng(meta["model_rng_state"]).bit_generator.state
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"{path}: invalid model RNG state in checkpoint ({e})") from None
     rng_state = meta.get("rng_state")
     if rng_state is not None:
         try:

@@ -5,8 +5,15 @@ Every layer has ``forward(x)`` (which caches what backprop needs) and
 in ``grads``). Parameters live in ``params``, a dict ``name -> array``; a new
 array may be assigned there at any time and is used from then on.
 
+Non-trainable state (BatchNorm's running statistics) lives in ``buffers``,
+saved in checkpoints beside the parameters but never touched by optimizers.
+
 Layers are built (their parameters drawn and moved to a backend) by
-:class:`xcnn.Sequential`, or directly with :meth:`Layer.build`.
+:class:`xcnn.Sequential`, or directly with :meth:`Layer.build`. Before that,
+:meth:`Layer.resolve` takes the per-sample shape reaching the layer, fills in
+any size the user left out (``Dense(10)``, ``Conv2D(out_channels=8,
+kernel_size=3)``) and returns the shape that leaves it: shape inference and
+``model.summary()`` are built on it.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ __all__ = [
     "ReLU",
     "Flatten",
     "Softmax",
+    "ShapeError",
     "LAYERS",
     "layer_from_config",
 ]
@@ -48,6 +56,7 @@ class Layer:
     def __init__(self) -> None:
         self.params: dict[str, Array] = {}
         self.grads: dict[str, Array] = {}
+        self.buffers: dict[str, Array] = {}
         self.cache: dict[str, Any] = {}
 
     # -- construction -----------------------------------------------------
@@ -59,13 +68,35 @@ class Layer:
         """Draw this layer's initial parameters as float64 host arrays (none by default)."""
         return {}
 
+    def init_buffers(self) -> dict[str, Any]:
+        """Initial non-trainable state as float64 host arrays (none by default)."""
+        return {}
+
+    def resolve(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Per-sample input shape (no batch axis) -> output shape; fills in inferred sizes.
+
+        Raises :class:`ShapeError`, naming the layer, for a shape it cannot take.
+        """
+        return tuple(shape)
+
+    def unresolved(self) -> str | None:
+        """The constructor argument still to be inferred from the input shape, if any."""
+        return None
+
     def build(
         self, backend: str | Backend | Any = "numpy", dtype: str = "float32", seed: Any = 0
     ) -> Layer:
         """Draw parameters from ``seed`` (an int or a numpy Generator) onto ``backend``."""
         rng = make_rng(seed)
         backend = resolve_backend(backend)
+        missing = self.unresolved()
+        if missing is not None:
+            raise ShapeError(
+                f"{self!r}: {missing} is not given and no input shape tells it: pass "
+                "input_shape=(C, H, W) to Sequential, or give the layer its input size"
+            )
         self.params = {k: backend.asarray(v, dtype) for k, v in self.init_params(rng).items()}
+        self.buffers = {k: backend.asarray(v, dtype) for k, v in self.init_buffers().items()}
         self.grads, self.cache = {}, {}
         return self
 
@@ -115,7 +146,9 @@ class Conv2D(Layer):
     Parameters
     ----------
     in_channels, out_channels : int
-        ``C`` and ``F``.
+        ``C`` and ``F``. ``in_channels`` may be left out in the keyword form,
+        ``Conv2D(out_channels=8, kernel_size=3)``: it is then taken from the
+        input shape (``Sequential(..., input_shape=(C, H, W))``).
     kernel_size : int or (int, int)
         ``KH, KW``; odd or even.
     stride : int
@@ -137,9 +170,9 @@ class Conv2D(Layer):
 
     def __init__(
         self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
+        in_channels: int | None = None,
+        out_channels: int | None = None,
+        kernel_size: int | tuple[int, int] | None = None,
         *,
         stride: int = 1,
         padding: str | int = "valid",
@@ -147,8 +180,15 @@ class Conv2D(Layer):
         init: str = "he",
     ) -> None:
         super().__init__()
+        if out_channels is None or kernel_size is None:
+            raise TypeError(
+                "Conv2D: out_channels and kernel_size are required, e.g. Conv2D(1, 8, 3) or "
+                f"Conv2D(out_channels=8, kernel_size=3); got out_channels={out_channels!r}, "
+                f"kernel_size={kernel_size!r}"
+            )
         kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
-        if min(in_channels, out_channels, kh, kw, stride) < 1:
+        known_in = 1 if in_channels is None else in_channels
+        if min(known_in, out_channels, kh, kw, stride) < 1:
             raise ValueError(
                 "Conv2D: channels, kernel_size and stride must be >= 1, got "
                 f"in={in_channels}, out={out_channels}, kernel={kernel_size}, stride={stride}"
@@ -180,10 +220,32 @@ class Conv2D(Layer):
             for name, default in (("stride", 1), ("padding", "valid"), ("bias", True))
             if getattr(self, name) != default
         )
+        if self.in_channels is None:
+            return f"Conv2D(out_channels={self.out_channels}, kernel_size={k}{extra})"
         return f"Conv2D({self.in_channels}, {self.out_channels}, kernel_size={k}{extra})"
 
     def input_layout(self) -> str:
         return f"(N, C={self.in_channels}, H, W)"
+
+    def unresolved(self) -> str | None:
+        return "in_channels" if self.in_channels is None else None
+
+    def resolve(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if len(shape) != 3:
+            raise ShapeError(f"{self!r}: expects per-sample input (C, H, W), got {tuple(shape)}")
+        c, h, w = shape
+        if self.in_channels is None:
+            self.in_channels = c
+        kh, kw = self.kernel_size
+        top, bottom, left, right = F.pad_amounts(h, w, kh, kw, self.stride, self.padding)
+        if c != self.in_channels or h + top + bottom < kh or w + left + right < kw:
+            raise ShapeError(
+                f"{self!r}: expects (C={self.in_channels}, H, W) with padded H >= {kh} and "
+                f"W >= {kw}, got {tuple(shape)}"
+            )
+        oh = (h + top + bottom - kh) // self.stride + 1
+        ow = (w + left + right - kw) // self.stride + 1
+        return (self.out_channels, oh, ow)
 
     def init_params(self, rng: Any) -> dict[str, Any]:
         kh, kw = self.kernel_size
@@ -254,6 +316,13 @@ class _Pool2D(Layer):
     def input_layout(self) -> str:
         return "(N, C, H, W)"
 
+    def resolve(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        k, s = self.kernel_size, self.stride
+        if len(shape) != 3 or shape[1] < k or shape[2] < k:
+            raise ShapeError(f"{self!r}: expects (C, H, W) with H, W >= {k}, got {tuple(shape)}")
+        c, h, w = shape
+        return (c, (h - k) // s + 1, (w - k) // s + 1)
+
     def check_input(self, x: Array) -> None:
         super().check_input(x)
         if x.shape[2] < self.kernel_size or x.shape[3] < self.kernel_size:
@@ -312,6 +381,8 @@ class Dense(Layer):
     Parameters
     ----------
     in_features, out_features : int
+        ``Dense(I, O)``; or ``Dense(O)``, and ``I`` is taken from the input
+        shape (``Sequential(..., input_shape=(C, H, W))``).
     bias : bool
     init : "glorot" (default), "he" or "tutorial" (randn / in_features).
 
@@ -324,10 +395,19 @@ class Dense(Layer):
     input_ndim = 2
 
     def __init__(
-        self, in_features: int, out_features: int, *, bias: bool = True, init: str = "glorot"
+        self,
+        in_features: int | None = None,
+        out_features: int | None = None,
+        *,
+        bias: bool = True,
+        init: str = "glorot",
     ) -> None:
         super().__init__()
-        if min(in_features, out_features) < 1:
+        if out_features is None:  # Dense(O): the one size given is the output's
+            in_features, out_features = None, in_features
+        if out_features is None:
+            raise TypeError("Dense: out_features is required, e.g. Dense(10) or Dense(128, 10)")
+        if min(1 if in_features is None else in_features, out_features) < 1:
             raise ValueError(
                 f"Dense: features must be >= 1, got in={in_features}, out={out_features}"
             )
@@ -344,10 +424,27 @@ class Dense(Layer):
 
     def __repr__(self) -> str:
         extra = "" if self.bias else ", bias=False"
+        if self.in_features is None:
+            return f"Dense({self.out_features}{extra})"
         return f"Dense({self.in_features}, {self.out_features}{extra})"
 
     def input_layout(self) -> str:
         return f"(N, {self.in_features})"
+
+    def unresolved(self) -> str | None:
+        return "in_features" if self.in_features is None else None
+
+    def resolve(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if len(shape) != 1:
+            raise ShapeError(
+                f"{self!r}: expects per-sample input (features,), got {tuple(shape)}; "
+                "put a Flatten() or GlobalAvgPool2D() before it"
+            )
+        if self.in_features is None:
+            self.in_features = shape[0]
+        if shape[0] != self.in_features:
+            raise ShapeError(f"{self!r}: expects ({self.in_features},), got {tuple(shape)}")
+        return (self.out_features,)
 
     def init_params(self, rng: Any) -> dict[str, Any]:
         i, o = self.in_features, self.out_features
@@ -390,6 +487,12 @@ class ReLU(Layer):
 class Flatten(Layer):
     """(N, C, H, W) -> (N, C*H*W), in C, H, W order (as ``torch.flatten(x, 1)``)."""
 
+    def resolve(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        size = 1
+        for d in shape:
+            size *= d
+        return (size,)
+
     def check_input(self, x: Array) -> None:
         super().check_input(x)
         if x.ndim < 2:
@@ -418,6 +521,11 @@ class Softmax(Layer):
     def input_layout(self) -> str:
         return "(N, K)"
 
+    def resolve(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if len(shape) != 1:
+            raise ShapeError(f"{self!r}: expects per-sample input (K,), got {tuple(shape)}")
+        return tuple(shape)
+
     def forward(self, x: Array, *, train: bool = True) -> Array:
         self.check_input(x)
         y = F.softmax(x)
@@ -434,7 +542,12 @@ LAYERS: dict[str, type[Layer]] = {
 
 
 def layer_from_config(cfg: dict[str, Any]) -> Layer:
-    """Rebuild an (unbuilt) layer from ``{"type": name, "config": {...}}``."""
+    """Rebuild an (unbuilt) layer from ``{"type": name, "config": {...}}``.
+
+    :data:`LAYERS` is the one registry of layer types; :mod:`xcnn.blocks` adds
+    its layers to it. Containers (``Residual``) rebuild their inner layers
+    through this same function.
+    """
     try:
         cls = LAYERS[cfg["type"]]
     except KeyError:
@@ -444,4 +557,5 @@ def layer_from_config(cfg: dict[str, Any]) -> Layer:
     kwargs = dict(cfg.get("config", {}))
     if isinstance(kwargs.get("kernel_size"), list):  # JSON has no tuples
         kwargs["kernel_size"] = tuple(kwargs["kernel_size"])
-    return cls(**kwargs)
+    from_config = getattr(cls, "from_config", None)
+    return from_config(kwargs) if from_config is not None else cls(**kwargs)

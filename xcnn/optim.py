@@ -3,7 +3,12 @@
 Parameters are rebound (``p = p - lr * g``), never updated in place, so the
 code stays correct for read-only and immutable arrays. Optimizer state
 (momentum, Adam moments) lives on the model's device, keyed like
-``model.state_dict()``.
+``model.named_params()``.
+
+Weight decay is decoupled from the gradient (Loshchilov & Hutter, 2019):
+``p <- p - lr * wd * p`` beside the gradient step, so it never enters the
+momentum or Adam's moment estimates. (For plain SGD the two forms coincide.)
+Only trainable parameters decay; BatchNorm's running statistics are buffers.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from .updates import adam_update, momentum_update, sgd_update
 
 Array = Any
 
-__all__ = ["Optimizer", "SGD", "Adam", "make_optimizer", "OPTIMIZERS", "OPTIMIZER_CLASSES"]
+__all__ = [
+    "Optimizer", "SGD", "Adam", "AdamW", "make_optimizer", "OPTIMIZERS", "OPTIMIZER_CLASSES",
+]  # fmt: skip
 
 #: Largest learning rate accepted: beyond it one step overflows float32 weights.
 MAX_LR = 1e6
@@ -150,24 +157,34 @@ class SGD(Optimizer):
 
     ``momentum=0``: the tutorial's update ``p <- p - lr * g``.
     ``momentum=mu``: ``v <- mu * v + g``, ``p <- p - lr * v`` (PyTorch's form).
+    ``weight_decay=wd``: also ``p <- p - lr * wd * p`` (decoupled: not in ``v``).
     """
 
-    def __init__(self, model: Sequential, lr: float = 0.01, *, momentum: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: Sequential,
+        lr: float = 0.01,
+        *,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+    ) -> None:
         super().__init__(model, lr)
         self.momentum = _number("SGD", "momentum", momentum, 0, 1, high_open=True)
+        self.weight_decay = _check_decay(self, weight_decay)
 
     def hyperparams(self) -> dict[str, Any]:
-        return {"lr": self.lr, "momentum": self.momentum}
+        return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay}
 
     def slot_names(self) -> tuple[str, ...]:
         return ("velocity",) if self.momentum else ()
 
     def update(self, p: Array, g: Array, slots: dict[str, Array]) -> Array:
         if not self.momentum:
-            return sgd_update(p, g, lr=self.lr)
+            return sgd_update(p, g, lr=self.lr, weight_decay=self.weight_decay)
         p, slots["velocity"] = momentum_update(
-            p, g, slots.get("velocity"), lr=self.lr, momentum=self.momentum
-        )
+            p, g, slots.get("velocity"), lr=self.lr, momentum=self.momentum,
+            weight_decay=self.weight_decay,
+        )  # fmt: skip
         return p
 
 
@@ -177,6 +194,9 @@ class Adam(Optimizer):
     ``m <- b1 m + (1 - b1) g``, ``v <- b2 v + (1 - b2) g^2``,
     ``p <- p - lr * m_hat / (sqrt(v_hat) + eps)``.
     """
+
+    #: Decoupled weight decay: none in Adam (see :class:`AdamW`).
+    weight_decay = 0.0
 
     def __init__(
         self,
@@ -205,24 +225,67 @@ class Adam(Optimizer):
         b1, b2 = self.betas
         p, slots["m"], slots["v"] = adam_update(
             p, g, slots.get("m"), slots.get("v"), lr=self.lr, step=self.steps,
-            beta1=b1, beta2=b2, eps=self.eps,
+            beta1=b1, beta2=b2, eps=self.eps, weight_decay=self.weight_decay,
         )  # fmt: skip
         return p
 
 
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter, 2019).
+
+    The Adam step, plus ``p <- p - lr * weight_decay * p``: the decay is not
+    divided by ``sqrt(v_hat)``, so every weight shrinks at the same relative
+    rate (in Adam with L2 in the gradient, weights with large gradients
+    would barely decay). PyTorch's ``AdamW`` with the same defaults.
+    """
+
+    def __init__(
+        self,
+        model: Sequential,
+        lr: float = 1e-3,
+        *,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
+        super().__init__(model, lr, betas=betas, eps=eps)
+        self.weight_decay = _check_decay(self, weight_decay)
+
+    def hyperparams(self) -> dict[str, Any]:
+        return {**super().hyperparams(), "weight_decay": self.weight_decay}
+
+
 #: Optimizer classes by type name: what checkpoints record and how they are read back.
-OPTIMIZER_CLASSES: dict[str, type[Optimizer]] = {"SGD": SGD, "Adam": Adam}
-
-#: Names :func:`make_optimizer` (and the CLI's ``--optimizer``) accept.
-OPTIMIZERS = ("sgd", "momentum", "adam")
+OPTIMIZER_CLASSES: dict[str, type[Optimizer]] = {"SGD": SGD, "Adam": Adam, "AdamW": AdamW}
 
 
-def make_optimizer(name: str, model: Sequential, lr: float) -> Optimizer:
-    """``"sgd"``, ``"momentum"`` (SGD with momentum 0.9) or ``"adam"``."""
+def _check_decay(opt: Optimizer, weight_decay: float) -> float:
+    if isinstance(weight_decay, bool):
+        name = type(opt).__name__
+        raise ValueError(f"{name}: weight_decay must be a number, got {weight_decay!r}")
+    return _number(type(opt).__name__, "weight_decay", weight_decay, 0, MAX_LR)
+
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+
+
+def make_optimizer(
+    name: str, model: Sequential, lr: float, *, weight_decay: float | None = None
+) -> Optimizer:
+    """``"sgd"``, ``"momentum"`` (SGD with momentum 0.9), ``"adam"`` or ``"adamw"``.
+
+    ``weight_decay`` (decoupled) applies to sgd, momentum and adamw (whose
+    default is 0.01); plain Adam has none: ask for adamw instead.
+    """
+    decay = {} if weight_decay is None else {"weight_decay": weight_decay}
     if name == "sgd":
-        return SGD(model, lr)
+        return SGD(model, lr, **decay)
     if name == "momentum":
-        return SGD(model, lr, momentum=0.9)
+        return SGD(model, lr, momentum=0.9, **decay)
     if name == "adam":
+        if weight_decay:
+            raise ValueError("adam has no weight decay: use the optimizer adamw (decoupled)")
         return Adam(model, lr)
+    if name == "adamw":
+        return AdamW(model, lr, **decay)
     raise ValueError(f"unknown optimizer {name!r}: use one of {OPTIMIZERS}")

@@ -32,14 +32,18 @@ from typing import Any
 
 import numpy as np
 
-from . import datasets, io
+from . import datasets, io, schedules
+from .callbacks import BestCheckpoint, EarlyStopping
 from .models import RECIPES, Recipe, build_model
 from .optim import Optimizer, make_optimizer
 
 __all__ = ["TrainSettings", "Run", "recipe_for", "resolve_settings", "start_run", "load_splits"]
 
 #: Options that the checkpoint itself fixes: given with a resume, they are an error.
-FIXED_BY_CHECKPOINT = ("model", "optimizer", "seed")
+#: (The schedule, weight decay and validation split are part of the run it continues.)
+FIXED_BY_CHECKPOINT = (
+    "model", "optimizer", "seed", "weight_decay", "schedule", "warmup", "val_split",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,13 @@ class TrainSettings:
     seed: int
     augment: str | None = None  # an xcnn.augment spec, e.g. "shift=2,rotate=10"
     image_size: int | None = None  # picture folders resized to this size
+    weight_decay: float = 0.0  # decoupled (sgd, momentum, adamw)
+    schedule: str = "step"  # xcnn.schedules.make_schedule's names; "step" is lr_decay itself
+    warmup: float = 0.0  # epochs of linear warm-up
+    val_split: float = 0.0  # fraction of the training images held out for validation
+    early_stopping: int | None = None  # patience in epochs, on the validation accuracy
+    #: The schedule fixed when the run started (over its epochs), so a resume follows it.
+    schedule_config: dict[str, Any] | None = None
 
     def record(self) -> dict[str, Any]:
         """What a checkpoint records so that a resume continues with the same settings.
@@ -75,7 +86,10 @@ def recipe_for(name: str, optimizer: str | None = None) -> Recipe:
     """The recipe of the named model; another optimizer than its own gets lr 0.01, no decay."""
     recipe = RECIPES[name]
     if optimizer is not None and optimizer != recipe.optimizer:
-        recipe = recipe._replace(optimizer=optimizer, lr=0.01, lr_decay=1.0)
+        recipe = recipe._replace(
+            optimizer=optimizer, lr=0.01, lr_decay=1.0, schedule="step", warmup=0.0,
+            weight_decay=0.0,
+        )  # fmt: skip
     return recipe
 
 
@@ -112,6 +126,7 @@ def resolve_settings(
         defaults: dict[str, Any] = {
             "model": name, "data": "sample", "train_size": None, "test_size": None,
             "optimizer": recipe.optimizer, "seed": 0, "augment": None, "image_size": None,
+            "val_split": 0.0, "early_stopping": None, "schedule_config": None,
             **recipe._asdict(),
         }  # fmt: skip
     else:
@@ -130,7 +145,8 @@ def resolve_settings(
             defaults = {**recipe_for(name, opt_name)._asdict(), "epochs": None}
         else:
             # No recipe is known for this model: nothing is guessed.
-            defaults = {"batch_size": None, "epochs": None, "lr_decay": 1.0}
+            defaults = {"batch_size": None, "epochs": None, "lr_decay": 1.0, "schedule": "step",
+                        "warmup": 0.0}  # fmt: skip
         defaults.update(
             model=name,
             data="sample",
@@ -142,6 +158,10 @@ def resolve_settings(
             scale=checkpoint.model.scale,
             augment=None,
             image_size=None,
+            weight_decay=getattr(checkpoint.optimizer, "weight_decay", 0.0),
+            val_split=0.0,
+            early_stopping=None,
+            schedule_config=None,
         )
         defaults.update({k: v for k, v in previous.items() if k in defaults and v is not None})
         missing = [f"--{k.replace('_', '-')}" for k in ("epochs", "batch_size")
@@ -154,8 +174,28 @@ def resolve_settings(
     values = {
         f.name: options[f.name] if options.get(f.name) is not None else defaults[f.name]
         for f in dataclasses.fields(TrainSettings)
+        if f.name != "schedule_config"
     }
-    return TrainSettings(**values)
+    config = defaults["schedule_config"]
+    if config is not None:
+        _schedule(config)  # a recorded schedule that cannot be rebuilt fails now
+    elif checkpoint is None and (values["schedule"] != "step" or values["warmup"]):
+        # The schedule is fixed when a run starts (over its epochs) and recorded, so a
+        # resumed run follows the same rates. "step" without warm-up is lr_decay itself.
+        config = schedules.make_schedule(
+            values["schedule"], values["lr"], epochs=values["epochs"],
+            warmup_epochs=values["warmup"], gamma=values["lr_decay"],
+        ).config()  # fmt: skip
+    return TrainSettings(**values, schedule_config=config)
+
+
+def _schedule(config: Any) -> schedules.Schedule:
+    try:
+        return schedules.schedule_from_config(config)
+    except (TypeError, KeyError, AttributeError, ValueError) as e:
+        raise ValueError(
+            f"the recorded learning-rate schedule {config!r} is unusable ({e})"
+        ) from None
 
 
 @dataclass
@@ -168,6 +208,25 @@ class Run:
     rng: np.random.Generator
     start_epoch: int = 0
     history: dict[str, list[Any]] = field(default_factory=dict)
+    early: EarlyStopping | None = None  # with settings.early_stopping
+    best: BestCheckpoint | None = None  # with a save-best path
+
+    def schedule(self) -> schedules.Schedule | None:
+        """The run's learning-rate schedule, or None for a constant rate times ``lr_decay``."""
+        config = self.settings.schedule_config
+        return None if config is None else _schedule(config)
+
+    def callbacks(self) -> list[Any]:
+        """Early stopping, then save-best, for ``fit(callbacks=...)`` after the history."""
+        return [cb for cb in (self.early, self.best) if cb is not None]
+
+    def extra(self) -> dict[str, Any]:
+        """What a checkpoint of this run records: settings, callback state, history."""
+        state = {"early_stopping": self.early.state_dict() if self.early else None,
+                 "save_best": self.best.state_dict() if self.best else None}  # fmt: skip
+        train = {**self.settings.record(), "backend": self.model.backend.name}
+        train["state"] = {k: v for k, v in state.items() if v is not None}
+        return {"train": train, "history": self.history}
 
     def record_epoch(self, logs: Mapping[str, float]) -> None:
         """Append one epoch's logs (as ``fit``'s callback gives them) to the history."""
@@ -186,11 +245,9 @@ class Run:
                 f"training diverged at epoch {epoch} (loss {losses[-1] if losses else 'nan'}): "
                 f"{path} not written; try a smaller --lr"
             )
-        extra = {
-            "train": {**self.settings.record(), "backend": self.model.backend.name},
-            "history": self.history,
-        }
-        return io.save(self.model, path, self.optimizer, epoch=epoch, rng=self.rng, extra=extra)
+        return io.save(
+            self.model, path, self.optimizer, epoch=epoch, rng=self.rng, extra=self.extra()
+        )
 
 
 def start_run(
@@ -201,11 +258,14 @@ def start_run(
     checkpoint: io.Checkpoint | None = None,
     new_lr: float | None = None,
     data: datasets.Splits | None = None,
+    save_best: str | os.PathLike[str] | None = None,
 ) -> Run:
     """Build a fresh run from ``settings``, or continue ``checkpoint`` (model, optimizer, RNG).
 
     With a checkpoint the optimizer goes on at its saved (possibly decayed) rate, unless
-    ``new_lr`` restarts it there. A fresh model is built for ``data``'s image shape and
+    ``new_lr`` restarts it there. ``save_best`` writes the best checkpoint (on the
+    validation accuracy) there; early stopping and save-best resume their state from
+    the checkpoint. A fresh model is built for ``data``'s image shape and
     class count (the named nets adapt through ``input_shape``) and keeps its class names.
     """
     if checkpoint is None:
@@ -218,17 +278,46 @@ def start_run(
         model.scale = settings.scale
         if data is not None and data.classes is not None:
             model.classes = list(data.classes)
-        optimizer = make_optimizer(settings.optimizer, model, settings.lr)
-        return Run(settings, model, optimizer, np.random.default_rng(settings.seed))
-    optimizer = checkpoint.optimizer
-    assert optimizer is not None  # resolve_settings refused a checkpoint without one
-    if new_lr is not None:
-        optimizer.lr = float(new_lr)
-    checkpoint.model.scale = settings.scale
-    history = checkpoint.extra.get("history")
-    history = {k: list(v) for k, v in history.items()} if isinstance(history, dict) else {}
-    rng = checkpoint.rng() or np.random.default_rng(settings.seed)
-    return Run(settings, checkpoint.model, optimizer, rng, int(checkpoint.epoch or 0), history)
+        decay = settings.weight_decay
+        optimizer = make_optimizer(
+            settings.optimizer, model, settings.lr,
+            weight_decay=decay if decay or settings.optimizer != "adam" else None,
+        )  # fmt: skip
+        run = Run(settings, model, optimizer, np.random.default_rng(settings.seed))
+        state: dict[str, Any] = {}
+    else:
+        optimizer = checkpoint.optimizer
+        assert optimizer is not None  # resolve_settings refused a checkpoint without one
+        if new_lr is not None:
+            optimizer.lr = float(new_lr)
+        checkpoint.model.scale = settings.scale
+        history = checkpoint.extra.get("history")
+        history = {k: list(v) for k, v in history.items()} if isinstance(history, dict) else {}
+        rng = checkpoint.rng() or np.random.default_rng(settings.seed)
+        start = int(checkpoint.epoch or 0)
+        run = Run(settings, checkpoint.model, optimizer, rng, start, history)
+        train = checkpoint.extra.get("train")
+        state = train.get("state") if isinstance(train, dict) else None
+        state = state if isinstance(state, dict) else {}
+    if settings.early_stopping is not None:
+        run.early = EarlyStopping(settings.early_stopping)
+        _restore(run.early, state.get("early_stopping"))
+    if save_best is not None:
+        run.best = BestCheckpoint(save_best, run.model, run.optimizer, rng=run.rng)
+        run.best.extra = run.extra
+        _restore(run.best, state.get("save_best"))
+    return run
+
+
+def _restore(callback: Any, state: Any) -> None:
+    if state is None:
+        return
+    try:
+        callback.load_state_dict(state)
+    except (TypeError, KeyError, ValueError) as e:
+        raise ValueError(
+            f"the recorded {type(callback).__name__} state is unusable ({e})"
+        ) from None
 
 
 def _first(x: np.ndarray, n: int | None, option: str, what: str) -> np.ndarray:

@@ -22,8 +22,9 @@ Loops run over batches, never over samples.
 from __future__ import annotations
 
 import functools
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,16 +33,27 @@ from tqdm.auto import tqdm
 
 from . import functional as F
 from .backend import to_numpy
+from .callbacks import Callback, EarlyStopping
 from .distributed import Communicator, abort_on_error
 from .distributed import resolve as resolve_distributed
 from .losses import check_labels, softmax_cross_entropy
 from .model import Sequential
 from .optim import Optimizer
+from .schedules import Schedule
 
 Array = Any
 History = dict[str, list[float]]
 
-__all__ = ["SCALES", "History", "fit", "evaluate", "predict", "scale_images"]
+__all__ = [
+    "SCALES",
+    "History",
+    "NonFiniteLossError",
+    "fit",
+    "evaluate",
+    "predict",
+    "scale_images",
+    "validation_split_indices",
+]
 
 #: Input scalings of integer images, by name: ``x -> (x / 255 - shift) / div``.
 #: "unit": [0, 1]; "centered": [-0.5, 0.5] (the tutorial's); "standard":
@@ -52,8 +64,11 @@ SCALES: dict[str, tuple[float, float]] = {
     "standard": (0.1307, 0.3081),
 }
 
-#: Seconds between progress-bar refreshes (each one reads two numbers back from the device).
+#: Seconds between progress-bar refreshes (each one reads three numbers back from the device).
 _REFRESH_S = 0.25
+#: Without a bar: seconds between the finite-loss checks, and between progress lines.
+_CHECK_S = 1.0
+_LINE_S = 30.0
 #: Images per forward pass when validating inside fit (memory, not results, depends on it).
 _EVAL_BATCH = 1000
 
@@ -163,6 +178,70 @@ def _check_positive(name: str, value: int, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+class NonFiniteLossError(FloatingPointError, ValueError):
+    """The training loss became NaN or infinite; the message names the epoch and step.
+
+    A ValueError too, so the CLI reports it in one line (usually the learning
+    rate is too high for the model).
+    """
+
+
+def validation_split_indices(y: Any, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded split of ``range(len(y))`` into (train, validation) indices.
+
+    Each class gives ``round(fraction * count)`` of its samples (at least one
+    when it has two or more), chosen with ``numpy.random.default_rng(seed)``,
+    so the class balance of the validation set matches the training set's
+    and the same seed always gives the same split (resumes rely on it).
+    Both index arrays are sorted.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation_split must be in (0, 1) (or 0 for none), got {fraction!r}")
+    labels = np.asarray(to_numpy(y)).astype(np.int64, copy=False)
+    rng = np.random.default_rng(seed)
+    picked = []
+    for k in np.unique(labels):
+        members = np.flatnonzero(labels == k)
+        take = int(round(fraction * len(members)))
+        if len(members) >= 2:
+            take = min(max(take, 1), len(members) - 1)
+        else:
+            take = 0
+        picked.append(rng.choice(members, take, replace=False))
+    val = np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+    if len(val) == 0 or len(val) == len(labels):
+        raise ValueError(
+            f"validation_split {fraction} of {len(labels)} samples leaves no validation or "
+            "no training data"
+        )
+    train = np.setdiff1d(np.arange(len(labels)), val, assume_unique=True)
+    return train, val
+
+
+def _subset(model: Sequential, x: Any, idx: np.ndarray) -> Any:
+    """``x[idx]`` on the host for host arrays, with ``xp.take`` on the device otherwise."""
+    if model.backend.owns(x):
+        return model.xp.take(x, model.asarray(idx), axis=0)
+    return np.asarray(to_numpy(x))[idx]
+
+
+def _as_callbacks(callbacks: Any, callback: Any, early: EarlyStopping | None) -> list[Any]:
+    # Early stopping first, so a checkpoint saved by a later callback holds its new state.
+    out = [] if early is None else [early]
+    if callback is not None:
+        out.append(callback)
+    out.extend(callbacks)
+    for cb in out:
+        if not (callable(cb) or isinstance(cb, Callback)):
+            raise TypeError(f"fit: callback {cb!r} has no on_epoch_end and is not callable")
+    return out
+
+
+def _run_callback(cb: Any, epoch: int, logs: dict[str, Any]) -> bool:
+    method = getattr(cb, "on_epoch_end", None)
+    return bool(method(epoch, logs) if method is not None else cb(epoch, logs))
+
+
 @abort_on_error
 @_on_model_device
 def fit(
@@ -174,20 +253,25 @@ def fit(
     epochs: int = 1,
     batch_size: int = 32,
     validation_data: tuple[Any, Any] | None = None,
+    validation_split: float = 0.0,
     scale: str | None = None,
     lr_decay: float = 1.0,
+    schedule: Schedule | None = None,
+    early_stopping: int | EarlyStopping | None = None,
+    callbacks: Sequence[Any] = (),
     seed: int = 0,
     rng: np.random.Generator | None = None,
     start_epoch: int = 0,
-    progress: bool = True,
-    callback: Callable[[int, dict[str, float]], None] | None = None,
+    progress: bool | str = True,
+    callback: Callable[[int, dict[str, float]], Any] | None = None,
     distributed: Any = None,
     augment: Callable[[Array, np.random.Generator], Array] | None = None,
 ) -> History:
     """Train ``model`` with mini-batch gradient descent; return the per-epoch history.
 
-    Each step: ``forward`` -> :func:`xcnn.softmax_cross_entropy` ->
-    ``model.backward(dlogits, input_grad=False)`` -> ``optimizer.step()``.
+    Each step: ``forward`` (training mode) -> :func:`xcnn.softmax_cross_entropy`
+    -> ``model.backward(dlogits, input_grad=False)`` -> ``optimizer.step()``.
+    Validation runs in evaluation mode (BatchNorm's running statistics, no dropout).
 
     Parameters
     ----------
@@ -208,28 +292,47 @@ def fit(
     validation_data : (x, y), optional
         Evaluated (as :func:`evaluate`) after every epoch; adds ``val_loss``
         and ``val_accuracy`` to the history.
-    scale : "unit", "centered", "standard", or None for ``model.scale``
-        Scaling of integer images (:data:`SCALES`): ``x / 255``,
-        ``x / 255 - 0.5`` (the tutorial's, default) or
+    validation_split : float
+        Hold out this fraction of ``(x_train, y_train)``, stratified by class
+        and seeded with ``seed`` (:func:`validation_split_indices`), as the
+        validation set; the rest is trained on. Not with ``validation_data``.
+    scale : "unit", "centered" or "standard", optional
+        Scaling of integer images (:data:`SCALES`); default ``model.scale``.
+        ``x / 255``, ``x / 255 - 0.5`` (the tutorial's) or
         ``(x / 255 - 0.1307) / 0.3081``. Ignored for floating inputs.
     lr_decay : float
         Step decay: after every epoch ``optimizer.lr *= lr_decay`` (``1``: a
         constant rate). The rate lives in the optimizer, whose checkpoint
         (:func:`xcnn.io.save`) therefore carries the schedule across a resume.
+    schedule : xcnn.schedules.Schedule, optional
+        ``optimizer.lr = schedule(epochs done)`` before every step, the epochs
+        done counted from ``optimizer.steps`` (so resumes follow it exactly).
+        Not with ``lr_decay``.
+    early_stopping : int or xcnn.callbacks.EarlyStopping, optional
+        Patience: stop after this many epochs without a better
+        ``val_accuracy``. Pass an ``EarlyStopping`` to choose the metric or
+        to resume one (its ``state_dict`` goes in the checkpoint).
+    callbacks : sequence
+        Objects with ``on_epoch_end(epoch, logs)`` or functions
+        ``f(epoch, logs)``, run after every epoch in order (after early
+        stopping and ``callback``); a True result from any stops training
+        after that epoch (:mod:`xcnn.callbacks`).
     seed : int
-        Seeds the shuffle when ``rng`` is not given.
+        Seeds the shuffle when ``rng`` is not given, and the validation split.
     rng : numpy.random.Generator, optional
         The shuffle generator; it draws one permutation per epoch and is
         advanced in place. Pass the generator restored from a checkpoint
         (:func:`xcnn.io.load_checkpoint`) to resume exactly.
     start_epoch : int
         Epochs already done (when resuming); only numbers the epochs.
-    progress : bool
-        Show a tqdm bar per epoch (loss, accuracy, images/s) on stderr.
+    progress : bool or "lines"
+        True: a tqdm bar per epoch (loss, accuracy, images/s) on stderr.
+        ``"lines"``: instead a plain line about every 30 s, for logs (stderr
+        not a terminal). False: nothing.
     callback : callable, optional
-        ``callback(epoch, logs)`` after every epoch, with ``epoch`` counted
-        from 1 (including ``start_epoch``) and ``logs`` that epoch's entries
-        of the history (e.g. to print or save a checkpoint).
+        ``callback(epoch, logs)`` after every epoch (before ``callbacks``),
+        with ``epoch`` counted from 1 (including ``start_epoch``) and ``logs``
+        that epoch's entries of the history (e.g. to print or save a checkpoint).
     distributed : "auto", "mpi", "nccl", "none", None or a Communicator
         Data-parallel training (:func:`xcnn.distributed.resolve`; None: one
         process): each rank trains on its shard of every batch of
@@ -244,8 +347,14 @@ def fit(
     dict of lists, one entry per epoch run
         ``"epoch"`` (int), ``"train_loss"`` (mean over the epoch's samples,
         measured while the weights changed), ``"train_accuracy"``,
-        ``"val_loss"``, ``"val_accuracy"`` (with ``validation_data``) and
-        ``"seconds"`` (training time of the epoch, validation excluded).
+        ``"val_loss"``, ``"val_accuracy"`` (with validation) and ``"seconds"``
+        (training time of the epoch, validation excluded).
+
+    Raises
+    ------
+    NonFiniteLossError
+        The loss became NaN or infinite; names the epoch and step. Training
+        stops there, before any callback could save the broken weights.
     """
     _check_positive("epochs", epochs, 0)
     _check_positive("batch_size", batch_size)
@@ -254,7 +363,23 @@ def fit(
         raise ValueError("fit: the optimizer was built for another model")
     if not 0 < lr_decay <= 1:
         raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay!r}")
+    if schedule is not None and lr_decay != 1:
+        raise ValueError("fit: give either a schedule or lr_decay, not both")
+    if validation_split and validation_data is not None:
+        raise ValueError("fit: give either validation_data or validation_split, not both")
     scale = model.scale if scale is None else scale
+    early = (
+        EarlyStopping(early_stopping)
+        if early_stopping is not None and not isinstance(early_stopping, EarlyStopping)
+        else early_stopping
+    )
+    hooks = _as_callbacks(callbacks, callback, early)
+    if validation_split:
+        train_idx, val_idx = validation_split_indices(y_train, validation_split, seed)
+        validation_data = (_subset(model, x_train, val_idx), _subset(model, y_train, val_idx))
+        x_train, y_train = _subset(model, x_train, train_idx), _subset(model, y_train, train_idx)
+    if early is not None and early.monitor.startswith("val_") and validation_data is None:
+        raise ValueError("fit: early stopping on a validation metric needs validation_split")
     x = _images_to_device(model, x_train, scale, "x_train")
     model.scale = scale  # the model now expects inputs scaled this way
     n = int(x.shape[0])
@@ -270,6 +395,7 @@ def fit(
     comm = resolve_distributed(distributed)
     progress = progress and comm.is_root
     comm.check_in_sync(model, optimizer, rng, "fit start")
+    steps_per_epoch = -(-n // batch_size)
 
     history: History = {"epoch": [], "train_loss": [], "train_accuracy": []}
     if val is not None:
@@ -277,11 +403,17 @@ def fit(
     history["seconds"] = []
     for epoch in range(start_epoch + 1, start_epoch + epochs + 1):
         label = f"epoch {epoch}/{start_epoch + epochs}"
+
+        def set_lr() -> None:
+            if schedule is not None:
+                optimizer.lr = float(schedule(optimizer.steps / steps_per_epoch))
+
         loss, accuracy, seconds = _train_epoch(
-            model, optimizer, x, y, batch_size, rng, progress, label, comm, scale, augment
-        )
+            model, optimizer, x, y, batch_size, rng, progress, label, comm, scale, augment,
+            epoch, set_lr,
+        )  # fmt: skip
         comm.check_in_sync(model, optimizer, rng, f"epoch {epoch}")
-        logs = {"epoch": epoch, "train_loss": loss, "train_accuracy": accuracy}
+        logs: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "train_accuracy": accuracy}
         if val is not None:
             val_loss, pred = comm.evaluate(
                 _evaluate_device, model, val[0], val[1], batch_size=_EVAL_BATCH, scale=scale
@@ -291,10 +423,12 @@ def fit(
         logs["seconds"] = seconds
         for key, value in logs.items():
             history[key].append(value)
-        # Before the callback, so a checkpoint saved there holds the next epoch's rate.
+        # Before the callbacks, so a checkpoint saved there holds the next epoch's rate.
         optimizer.lr *= lr_decay
-        if callback is not None:
-            callback(epoch, logs)
+        # Every callback runs (a checkpoint is saved even in the epoch that stops).
+        stop = [_run_callback(cb, epoch, logs) for cb in hooks]
+        if any(stop):
+            break
     return history
 
 
@@ -305,13 +439,21 @@ def _train_epoch(
     y: Array,
     batch_size: int,
     rng: np.random.Generator,
-    progress: bool,
+    progress: bool | str,
     label: str,
     comm: Communicator,
     scale: str = "centered",
     augment: Callable[[Array, np.random.Generator], Array] | None = None,
+    epoch: int = 1,
+    before_step: Callable[[], None] | None = None,
 ) -> tuple[float, float, float]:
-    """One pass over (x, y) in a fresh random order; returns (loss, accuracy, seconds)."""
+    """One pass over (x, y) in a fresh random order; returns (loss, accuracy, seconds).
+
+    Non-finite losses are caught without a device read per step: the step
+    number of the first one is kept on the device (one ``where`` per step) and
+    read at each progress refresh (at least every :data:`_CHECK_S` s) and at
+    the end of the epoch.
+    """
     xp, n = model.xp, int(x.shape[0])
     start = time.perf_counter()
     # The permutation is drawn on the host (the array API has no RNG, and one
@@ -319,9 +461,17 @@ def _train_epoch(
     order = model.asarray(rng.permutation(n))
     loss_sum = xp.zeros((), dtype=model.backend.dtype(model.dtype), device=model.device)
     correct = xp.zeros((), dtype=y.dtype, device=model.device)  # (no int64: JAX without x64)
-    seen, shown, last = 0, 0, start
-    with tqdm(total=n, desc=label, unit="img", disable=not progress, leave=True) as bar:
+    # The step number counts on the device too (a host scalar per step would be a copy).
+    step_number = xp.zeros((), dtype=y.dtype, device=model.device)
+    first_bad = xp.asarray(-1, dtype=y.dtype, device=model.device)
+    steps = -(-n // batch_size)
+    lines_on = progress == "lines"
+    bar_on = bool(progress) and not lines_on
+    seen, shown, last, last_line = 0, 0, start, start
+    with tqdm(total=n, desc=label, unit="img", disable=not bar_on, leave=True) as bar:
         for i in range(0, n, batch_size):
+            if before_step is not None:
+                before_step()
             # Clamped stop: the array API leaves out-of-range slice stops unspecified.
             idx = comm.shard(order[i : min(i + batch_size, n)])  # this rank's part
             xb, yb = xp.take(x, idx, axis=0), xp.take(y, idx, axis=0)
@@ -329,6 +479,8 @@ def _train_epoch(
                 xb = augment(xb, rng)
             logits = model.forward(_batch(model, xb, scale), train=True)
             loss, dlogits = softmax_cross_entropy(logits, yb, check=False)
+            step_number = step_number + 1
+            first_bad = xp.where((first_bad < 0) & ~xp.isfinite(loss), step_number, first_bad)
             model.backward(dlogits, input_grad=False)
             hits = xp.sum(xp.astype(xp.argmax(logits, axis=1) == yb, y.dtype))
             nb, batch_loss, hits = comm.reduce_step(model, loss, hits)  # gradients averaged
@@ -336,19 +488,55 @@ def _train_epoch(
             seen += nb
             loss_sum = loss_sum + batch_loss
             correct = correct + hits
-            loss_sum, correct = model.backend.materialise(loss_sum, correct)  # Dask: compute now
+            # Dask: compute now, or every read would replay the epoch so far.
+            loss_sum, correct, step_number, first_bad = model.backend.materialise(
+                loss_sum, correct, step_number, first_bad
+            )
             now = time.perf_counter()
-            if progress and (now - last >= _REFRESH_S or seen == n):
+            if now - last >= (_REFRESH_S if bar_on else _CHECK_S) or seen == n:
                 # The only device reads inside the epoch: a few per second.
-                bar.set_postfix(
-                    loss=f"{float(loss_sum) / seen:.4f}",
-                    acc=f"{int(correct) / seen:.4f}",
-                    refresh=False,
-                )
+                _check_finite(first_bad, epoch, steps)
+                mean_loss, acc = float(loss_sum) / seen, int(correct) / seen
+                bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{acc:.4f}", refresh=False)
                 bar.update(seen - shown)
                 shown, last = seen, now
+                if lines_on and now - last_line >= _LINE_S:
+                    rate = seen / (now - start)
+                    print(
+                        f"{label}: {seen}/{n} images, loss {mean_loss:.4f}, acc {acc:.2%}, "
+                        f"{rate:,.0f} img/s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    last_line = now
+        _check_finite(first_bad, epoch, steps)
+        _check_finite_weights(model, epoch)
         mean_loss, accuracy = float(loss_sum) / n, int(correct) / n
     return mean_loss, accuracy, time.perf_counter() - start
+
+
+def _check_finite_weights(model: Sequential, epoch: int) -> None:
+    """Weights can turn NaN while the loss stays finite (a ReLU maps NaN to 0): one read."""
+    xp = model.xp
+    flags = [xp.all(xp.isfinite(layer.params[name])) for _, layer, name in model.named_params()]
+    if flags and not bool(xp.all(xp.stack(flags))):
+        bad = [
+            key for (key, _, _), ok in zip(model.named_params(), flags, strict=True) if not bool(ok)
+        ]
+        raise NonFiniteLossError(
+            f"training stopped: weights became non-finite (NaN or inf) in epoch {epoch} "
+            f"({', '.join(bad[:3])}); check the inputs for NaN and lower the learning rate"
+        )
+
+
+def _check_finite(first_bad: Array, epoch: int, steps: int) -> None:
+    step = int(first_bad)
+    if step >= 0:
+        raise NonFiniteLossError(
+            f"training stopped: the loss became non-finite (NaN or inf) at epoch {epoch}, "
+            f"step {step} of {steps}; lower the learning rate (no checkpoint was written "
+            "from this epoch)"
+        )
 
 
 def _evaluate_device(
@@ -372,7 +560,7 @@ def _evaluate_device(
 def evaluate(
     model: Sequential, x: Any, y: Any, *, batch_size: int = 1000, scale: str | None = None
 ) -> dict[str, Any]:
-    """Loss, accuracy and confusion matrix of ``model`` on ``(x, y)`` (``train=False``).
+    """Loss, accuracy and confusion matrix of ``model`` on ``(x, y)``, in evaluation mode.
 
     Parameters
     ----------
@@ -382,8 +570,8 @@ def evaluate(
     y : (N,) integer class indices in ``[0, K)``.
     batch_size : int
         Images per forward pass (memory vs. speed; results do not depend on it).
-    scale : "unit", "centered", "standard", or None for ``model.scale``
-        As for :func:`fit`; use the one the model was trained with.
+    scale : "unit", "centered" or "standard", optional
+        As for :func:`fit`; default ``model.scale``, the one it was built with.
 
     Returns
     -------
@@ -408,7 +596,7 @@ def evaluate(
 def predict(
     model: Sequential, x: Any, *, batch_size: int = 1000, scale: str | None = None
 ) -> np.ndarray:
-    """Class probabilities ``softmax(model(x))`` as a host array.
+    """Class probabilities ``softmax(model(x))`` (evaluation mode) as a host array.
 
     Parameters
     ----------
@@ -416,7 +604,7 @@ def predict(
     x : (N, C, H, W) array
         Integer intensities (scaled as ``scale`` says) or floats (used as given).
     batch_size : int
-    scale : "unit", "centered", "standard", or None for ``model.scale``
+    scale : "unit", "centered" or "standard", optional (default ``model.scale``)
 
     Returns
     -------
