@@ -228,8 +228,8 @@ class Run:
         train["state"] = {k: v for k, v in state.items() if v is not None}
         return {"train": train, "history": self.history}
 
-    def record_epoch(self, logs: Mapping[str, float]) -> None:
-        """Append one epoch's logs (as ``fit``'s callback gives them) to the history."""
+    def record_epoch(self, epoch: int, logs: Mapping[str, float]) -> None:
+        """Append one epoch's logs to the history: a ``fit`` callback, ``(epoch, logs)``."""
         for key, value in logs.items():
             self.history.setdefault(key, []).append(value)
 
