@@ -62,7 +62,7 @@ def _lenet_layers(shape: Shape = MNIST, k: int = 10) -> list[Layer]:
         Flatten(),  # -> (N, 9216)
         Dense(64 * _n((h - 4) // 2) * _n((w - 4) // 2), 128, init="he"),  # -> (N, 128)
         ReLU(),
-        Dense(k, init="glorot"),  # -> (N, 10) logits
+        Dense(128, k, init="glorot"),  # -> (N, 10) logits
     ]
 
 
