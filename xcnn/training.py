@@ -393,7 +393,7 @@ def fit(
         val = (xv, yv, yv_host)
     rng = np.random.default_rng(seed) if rng is None else rng
     comm = resolve_distributed(distributed)
-    progress = progress and comm.is_root
+    progress = progress if comm.is_root else False  # ("lines" must stay "lines")
     comm.check_in_sync(model, optimizer, rng, "fit start")
     steps_per_epoch = -(-n // batch_size)
 
