@@ -47,7 +47,10 @@ kernels there, which in turn fall back to the generic code.
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +67,9 @@ ENABLED = os.environ.get("XCNN_WINOGRAD", "1") != "0"
 
 #: Fewest input channels worth the transforms: below this the direct kernel is as fast.
 MIN_CHANNELS = 4
+
+#: Threads that share a batch's chunks (``XCNN_WINOGRAD_THREADS``; default: 2, or 1 on one CPU).
+THREADS = int(os.environ.get("XCNN_WINOGRAD_THREADS", "0")) or min(2, len(os.sched_getaffinity(0)))
 
 #: Bytes of tile workspace per chunk of images (V and M of a chunk stay in cache).
 CHUNK_BYTES = 1 << 20
@@ -198,6 +204,30 @@ def _tile_grad_add(dv: np.ndarray, dxt: np.ndarray) -> None:
     dxt[:, 1:, 1] += d3
 
 
+def _spread(n: int, step: int, images: Callable[[int, int], Any]) -> list[Any]:
+    """``images(start, stop)`` over ranges of the ``n`` images, on up to THREADS threads.
+
+    NumPy runs element-wise passes on one thread; the transforms are half of
+    the time here, so whole chunks go to threads of their own instead (NumPy
+    releases the GIL inside ufuncs and matrix products). The ranges are fixed
+    by ``n``, ``step`` and the thread count, so results repeat bit for bit.
+    """
+    chunks = -(-n // step)
+    k = max(1, min(THREADS, chunks))
+    if k == 1:
+        return [images(0, n)]
+    bounds = [min(n, (chunks * i // k) * step) for i in range(k + 1)]
+    pool = _pool(k)
+    futures = [pool.submit(images, bounds[i], bounds[i + 1]) for i in range(1, k)]
+    first = images(bounds[0], bounds[1])  # this thread takes the first range
+    return [first] + [fut.result() for fut in futures]
+
+
+@functools.cache
+def _pool(k: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(k - 1, thread_name_prefix="xcnn-winograd")
+
+
 def _forward(
     x: np.ndarray, w: np.ndarray, b: np.ndarray | None, pads: tuple[int, int, int, int]
 ) -> tuple[np.ndarray, Conv2DSaved]:
@@ -210,17 +240,21 @@ def _forward(
     v = np.empty((16, n * t, c), x.dtype)  # kept for backward
     y = recycler.empty((n, th, 2, tw, 2, f), x.dtype)  # NHWC, 2x2 blocks
     step = max(1, min(n, CHUNK_BYTES // (16 * t * (c + f) * x.itemsize)))
-    m = recycler.empty((16, step * t, f), x.dtype)
-    for n0 in range(0, n, step):
-        n1 = min(n, n0 + step)
-        vc = v[:, n0 * t : n1 * t]  # (16, B*T, C)
-        mc = m[:, : (n1 - n0) * t]
-        _input_transform(xh[n0:n1], th, tw, vc)
-        np.matmul(vc, u, out=mc)  # (16, B*T, F)
-        yc = y[n0:n1]
-        _output_transform(mc.reshape(4, 4, n1 - n0, th, tw, f), yc)
-        if b is not None:
-            yc += b  # while the rows are in cache
+
+    def images(start: int, stop: int) -> None:
+        m = recycler.empty((16, step * t, f), x.dtype)  # this thread's workspace
+        for n0 in range(start, stop, step):
+            n1 = min(stop, n0 + step)
+            vc = v[:, n0 * t : n1 * t]  # (16, B*T, C)
+            mc = m[:, : (n1 - n0) * t]
+            _input_transform(xh[n0:n1], th, tw, vc)
+            np.matmul(vc, u, out=mc)  # (16, B*T, F)
+            yc = y[n0:n1]
+            _output_transform(mc.reshape(4, 4, n1 - n0, th, tw, f), yc)
+            if b is not None:
+                yc += b  # while the rows are in cache
+
+    _spread(n, step, images)
     y = y.reshape(n, 2 * th, 2 * tw, f)  # (N, 2TH, 2TW, F)
     if (2 * th, 2 * tw) != (oh, ow):
         y = np.ascontiguousarray(y[:, :oh, :ow])  # (N, OH, OW, F)
@@ -254,26 +288,32 @@ def _backward(
         dyh = full
     dyt = dyh.reshape(n, th, 2, tw, 2, f)  # (N, TH, 2, TW, 2, F); a copy if dy is not NHWC
     step = max(1, min(n, CHUNK_BYTES // (16 * t * (c + f) * x.itemsize)))
-    dm = recycler.empty((16, step * t, f), x.dtype)
-    du = np.zeros((16, f, c), x.dtype)
-    part = recycler.empty((16, f, c), x.dtype)
     db = dyh.reshape(-1, f).sum(axis=0) if oh * ow else np.zeros(f, x.dtype)
     if need_dx:
         ut = _filters(w).transpose(0, 2, 1)  # (16, F, C)
-        dv = recycler.empty((16, step * t, c), x.dtype)
         dxt = recycler.empty((n, th + 1, 2, tw + 1, 2, c), x.dtype)  # padded dx, 2x2 blocks
         dxt.fill(0)
-    for n0 in range(0, n, step):
-        n1 = min(n, n0 + step)
-        rows = (n1 - n0) * t
-        dmc = dm[:, :rows]
-        _grad_transform(dyt[n0:n1], dmc.reshape(4, 4, n1 - n0, th, tw, f))
-        np.matmul(dmc.transpose(0, 2, 1), v[:, n0 * t : n1 * t], out=part)  # (16, F, C)
-        du += part
+
+    def images(start: int, stop: int) -> np.ndarray:
+        dm = recycler.empty((16, step * t, f), x.dtype)  # this thread's workspace
+        part = recycler.empty((16, f, c), x.dtype)
+        du = np.zeros((16, f, c), x.dtype)
         if need_dx:
-            dvc = dv[:, :rows]
-            np.matmul(dmc, ut, out=dvc)  # (16, B*T, C)
-            _tile_grad_add(dvc.reshape(4, 4, n1 - n0, th, tw, c), dxt[n0:n1])
+            dv = recycler.empty((16, step * t, c), x.dtype)
+        for n0 in range(start, stop, step):
+            n1 = min(stop, n0 + step)
+            rows = (n1 - n0) * t
+            dmc = dm[:, :rows]
+            _grad_transform(dyt[n0:n1], dmc.reshape(4, 4, n1 - n0, th, tw, f))
+            np.matmul(dmc.transpose(0, 2, 1), v[:, n0 * t : n1 * t], out=part)  # (16, F, C)
+            du += part
+            if need_dx:
+                dvc = dv[:, :rows]
+                np.matmul(dmc, ut, out=dvc)  # (16, B*T, C)
+                _tile_grad_add(dvc.reshape(4, 4, n1 - n0, th, tw, c), dxt[n0:n1])
+        return du
+
+    du = sum(_spread(n, step, images))  # (16, F, C)
     g = _G.astype(x.dtype)
     dw = np.einsum("ai,bj,abfc->fcij", g, g, du.reshape(4, 4, f, c), optimize=True)
     dw = np.ascontiguousarray(dw)  # (F, C, 3, 3)
