@@ -60,9 +60,12 @@ def _data(case, dtype, seed=0):
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-@pytest.mark.parametrize("chunk", [wg.CHUNK_BYTES, 1], ids=["chunked", "one-image"])
-def test_float64_matches_generic_and_direct(case, chunk, monkeypatch):
+@pytest.mark.parametrize(
+    "chunk, threads", [(wg.CHUNK_BYTES, 1), (1, 1), (1, 3)], ids=["chunked", "one-image", "threads"]
+)
+def test_float64_matches_generic_and_direct(case, chunk, threads, monkeypatch):
     monkeypatch.setattr(wg, "CHUNK_BYTES", chunk)
+    monkeypatch.setattr(wg, "THREADS", threads)
     x, w, b, dy, padding = _data(case, np.float64)
     out = run(x, w, b, dy, padding)
     assert isinstance(out[4].workspace, wg.WinogradWorkspace)  # the Winograd path ran
@@ -134,3 +137,14 @@ def test_a_wrong_transform_is_caught(monkeypatch):
 def test_switch_turns_it_off(winograd_off):
     x, w, b, dy, padding = _data(CASES[1], np.float64)
     assert not isinstance(run(x, w, b, dy, padding)[4].workspace, wg.WinogradWorkspace)
+
+
+def test_threads_repeat_bit_for_bit(monkeypatch):
+    """Each thread count fixes how the batch is split, so a step repeats exactly."""
+    monkeypatch.setattr(wg, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(wg, "THREADS", 2)
+    x, w, b, dy, padding = _data(CASES[0], np.float32)
+    first = run(x, w, b, dy, padding)[:4]
+    again = run(x, w, b, dy, padding)[:4]
+    for a, c in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a, c)

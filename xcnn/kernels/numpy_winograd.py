@@ -72,7 +72,7 @@ MIN_CHANNELS = 4
 THREADS = int(os.environ.get("XCNN_WINOGRAD_THREADS", "0")) or min(2, len(os.sched_getaffinity(0)))
 
 #: Bytes of tile workspace per chunk of images (V and M of a chunk stay in cache).
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 2 << 20
 
 _G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
 
@@ -182,26 +182,28 @@ def _tile_grad_add(dv: np.ndarray, dxt: np.ndarray) -> None:
     (v0, v1, v2, v3) to (v0, v1 - v2 + v3, v1 + v2 - v0, -v3).
     """
     th, tw = dv.shape[3], dv.shape[4]
-    e = recycler.empty((4,) + dv.shape[:1] + dv.shape[2:], dv.dtype)  # B along the width
-    np.copyto(e[0], dv[:, 0])
-    np.subtract(dv[:, 1], dv[:, 2], out=e[1])
-    e[1] += dv[:, 3]
-    np.add(dv[:, 1], dv[:, 2], out=e[2])
-    e[2] -= dv[:, 0]
-    np.negative(dv[:, 3], out=e[3])  # e[b] is (4 a, B, TH, TW, C)
-    # Column b of a tile lands in block column tx + b // 2, position b % 2.
+    # Along the width: tile column b lands in block column tx + b // 2, position b % 2.
     rows = recycler.empty((4, dv.shape[2], th, tw + 1, 2, dv.shape[-1]), dv.dtype)
-    rows[:, :, :, tw] = 0
-    rows[:, :, :, :tw] = e[:2].transpose(1, 2, 3, 4, 0, 5)  # b = 0, 1 at block tx
-    rows[:, :, :, 1:] += e[2:].transpose(1, 2, 3, 4, 0, 5)  # b = 2, 3 at block tx + 1
-    d0 = rows[0]
-    d1 = rows[1] - rows[2] + rows[3]
-    d2 = rows[1] + rows[2] - rows[0]
-    d3 = -rows[3]
-    dxt[:, :th, 0] += d0
-    dxt[:, :th, 1] += d1
-    dxt[:, 1:, 0] += d2
-    dxt[:, 1:, 1] += d3
+    left, right = rows[:, :, :, :tw], rows[:, :, :, 1:]  # (4 a, B, TH, TW, 2, C) each
+    np.copyto(left[..., 0, :], dv[:, 0])
+    np.subtract(dv[:, 1], dv[:, 2], out=left[..., 1, :])
+    left[..., 1, :] += dv[:, 3]
+    rows[:, :, :, tw] = 0  # the last block column has only the right halves of tiles
+    right[..., 1, :] -= dv[:, 3]
+    tmp = recycler.empty(dv.shape[:1] + dv.shape[2:], dv.dtype)  # (4 a, B, TH, TW, C)
+    np.add(dv[:, 1], dv[:, 2], out=tmp)
+    tmp -= dv[:, 0]
+    right[..., 0, :] += tmp
+    # Along the height, the same map into block rows ty (a = 0, 1) and ty + 1 (a = 2, 3).
+    top, bottom = dxt[:, :th], dxt[:, 1:]  # (B, TH, 2, TW+1, 2, C) each
+    top[:, :, 0] += rows[0]
+    top[:, :, 1] += rows[1]
+    top[:, :, 1] -= rows[2]
+    top[:, :, 1] += rows[3]
+    bottom[:, :, 0] += rows[1]
+    bottom[:, :, 0] += rows[2]
+    bottom[:, :, 0] -= rows[0]
+    bottom[:, :, 1] -= rows[3]
 
 
 def _spread(n: int, step: int, images: Callable[[int, int], Any]) -> list[Any]:
