@@ -47,9 +47,10 @@ kernels there, which in turn fall back to the generic code.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -220,9 +221,55 @@ def _spread(n: int, step: int, images: Callable[[int, int], Any]) -> list[Any]:
         return [images(0, n)]
     bounds = [min(n, (chunks * i // k) * step) for i in range(k + 1)]
     pool = _pool(k)
-    futures = [pool.submit(images, bounds[i], bounds[i + 1]) for i in range(1, k)]
-    first = images(bounds[0], bounds[1])  # this thread takes the first range
-    return [first] + [fut.result() for fut in futures]
+    with _one_blas_thread():
+        futures = [pool.submit(images, bounds[i], bounds[i + 1]) for i in range(1, k)]
+        first = images(bounds[0], bounds[1])  # this thread takes the first range
+        return [first] + [fut.result() for fut in futures]
+
+
+@contextlib.contextmanager
+def _one_blas_thread() -> Iterator[None]:
+    """BLAS on one thread while the block runs, then the count it had.
+
+    The threads of :func:`_spread` already share the cores: letting each of
+    their products start BLAS threads too would oversubscribe them, and on a
+    loaded machine every product would wait at BLAS's barrier for a helper
+    thread that is not running (measured: 2-3x slower LeNet steps). OpenBLAS's
+    setting is process-wide, so only the thread that starts the workers sets
+    it, before they start, and restores it after they end.
+    """
+    set_threads = _blas_set_threads()
+    if set_threads is None:
+        yield
+        return
+    before = set_threads(1)
+    try:
+        yield
+    finally:
+        set_threads(before)
+
+
+@functools.cache
+def _blas_set_threads() -> Callable[[int], int] | None:
+    """``set(n) -> previous n`` for the OpenBLAS bundled with NumPy's wheel, or None.
+
+    (``openblas_set_num_threads_local``, OpenBLAS >= 0.3.27, returns the
+    previous count; despite its name it sets the count for the process.) Any
+    other BLAS, or an older OpenBLAS, keeps its own thread count.
+    """
+    import ctypes
+    import glob
+
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(np.__file__) + ".libs", "*"))):
+        if "openblas" not in os.path.basename(path):
+            continue
+        try:
+            func = ctypes.CDLL(path).openblas_set_num_threads_local
+        except (OSError, AttributeError):
+            continue
+        func.argtypes, func.restype = [ctypes.c_int], ctypes.c_int
+        return func
+    return None
 
 
 @functools.cache
