@@ -33,10 +33,12 @@ within a few ulps of the direct convolution's (tests/test_winograd.py checks
 1e-5 relative on LeNet's shapes against a float64 reference).
 
 Measured on LeNet's second convolution (32 -> 64 channels, 26x26, batch 32,
-one thread, minimum CPU time of 15 interleaved runs; ``docs/performance.md``):
-forward 7.9 ms against 9.6 ms for the im2col kernel in
-:mod:`xcnn.kernels.numpy` (PyTorch 9.2 ms), backward with ``dx`` see the
-same page.
+one thread, minimum CPU time of 12 interleaved runs): forward 8.0 ms and
+backward 13.4 ms, against 8.8 and 19.8 ms for the im2col kernels of
+:mod:`xcnn.kernels.numpy` (PyTorch: 7.2 ms and 21.9 ms for both). The chunks
+of a batch are shared by :data:`THREADS` threads, with BLAS on one thread
+meanwhile (see :func:`_one_blas_thread`); ``docs/performance.md`` has the
+whole-step figures.
 
 These kernels replace the ``numpy`` set's ``conv2d`` and ``conv2d_backward``
 in the kernel seam (this module is imported at the end of
