@@ -71,8 +71,9 @@ ENABLED = os.environ.get("XCNN_WINOGRAD", "1") != "0"
 #: Fewest input channels worth the transforms: below this the direct kernel is as fast.
 MIN_CHANNELS = 4
 
-#: Threads that share a batch's chunks (``XCNN_WINOGRAD_THREADS``; default: 2, or 1 on one CPU).
-THREADS = int(os.environ.get("XCNN_WINOGRAD_THREADS", "0")) or min(2, len(os.sched_getaffinity(0)))
+#: Threads that share a batch's chunks (``XCNN_WINOGRAD_THREADS``; default: the usable CPUs,
+#: as many as PyTorch's default intra-op threads on such a machine).
+THREADS = int(os.environ.get("XCNN_WINOGRAD_THREADS", "0")) or len(os.sched_getaffinity(0))
 
 #: Bytes of tile workspace per chunk of images (V and M of a chunk stay in cache).
 CHUNK_BYTES = 2 << 20
