@@ -431,4 +431,5 @@ def relu_backward(dy: Any, mask: Any) -> Any:
 
 # Winograd F(2x2, 3x3) for 3x3 stride-1 layers with several channels: replaces the
 # conv2d / conv2d_backward kernels above for those inputs and hands them the rest.
-from . import numpy_winograd  # noqa: E402, F401
+from . import numpy_winograd  # noqa: E402, F401, I001
+from . import numpy_threads  # noqa: E402, F401  (dense layers on threads of their own)

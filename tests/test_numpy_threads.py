@@ -1,0 +1,60 @@
+"""The threaded NumPy dense kernels (xcnn/kernels/numpy_threads.py) against the generic code."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xcnn import functional as F
+from xcnn import kernels
+from xcnn.kernels import numpy_threads as nt
+from xcnn.kernels import numpy_winograd as wg
+
+
+@pytest.fixture
+def threaded(monkeypatch):
+    monkeypatch.setattr(nt, "MIN_WORK", 1)
+    monkeypatch.setattr(wg, "THREADS", 2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_dense_matches_generic(threaded, dtype, bias):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((7, 50)).astype(dtype)
+    w = rng.standard_normal((50, 9)).astype(dtype)
+    b = rng.standard_normal(9).astype(dtype) if bias else None
+    dy = rng.standard_normal((7, 9)).astype(dtype)
+    got = (F.dense(x, w, b), *F.dense_backward(dy, x, w))
+    with kernels.disabled("numpy"):
+        want = (F.dense(x, w, b), *F.dense_backward(dy, x, w))
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    for g, e in zip(got, want, strict=True):
+        assert g.shape == e.shape and g.dtype == e.dtype
+        np.testing.assert_allclose(g, e, rtol=tol, atol=tol * np.abs(e).max())
+
+
+def test_blas_threads_restored(threaded):
+    set_threads = wg._blas_set_threads()
+    if set_threads is None:
+        pytest.skip("NumPy's BLAS is not the bundled OpenBLAS: nothing is switched")
+    before = set_threads(2)
+    set_threads(before)
+    rng = np.random.default_rng(1)
+    x, w, dy = (
+        rng.standard_normal((8, 40)),
+        rng.standard_normal((40, 6)),
+        rng.standard_normal((8, 6)),
+    )
+    F.dense_backward(dy, x, w)
+    after = set_threads(before)
+    assert after == before
+
+
+def test_small_or_other_inputs_take_the_generic_code(monkeypatch):
+    called = []
+    monkeypatch.setattr(wg, "_one_blas_thread", lambda: called.append(1))
+    x, w = np.ones((2, 3)), np.ones((3, 4))
+    F.dense_backward(np.ones((2, 4)), x, w)  # below MIN_WORK
+    F.dense(x.astype(np.float32), w)  # mixed dtypes
+    assert not called
