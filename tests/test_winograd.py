@@ -148,3 +148,14 @@ def test_threads_repeat_bit_for_bit(monkeypatch):
     again = run(x, w, b, dy, padding)[:4]
     for a, c in zip(first, again, strict=True):
         np.testing.assert_array_equal(a, c)
+
+
+def test_second_backward_from_the_same_state():
+    """The first backward takes the kept transform (memory); a second one rebuilds it."""
+    x, w, b, dy, padding = _data(CASES[0], np.float64)
+    _, saved = F.conv2d(x, w, b, padding=padding)
+    first = F.conv2d_backward(dy, saved, w, padding=padding)
+    assert saved.workspace.v == []  # taken
+    again = F.conv2d_backward(dy, saved, w, padding=padding)
+    for a, c in zip(first, again, strict=True):
+        assert rel(a, c) < 1e-13

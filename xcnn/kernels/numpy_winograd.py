@@ -89,9 +89,15 @@ def set_enabled(on: bool) -> None:
 
 @dataclass(frozen=True)
 class WinogradWorkspace:
-    """What the Winograd forward keeps for backward (``Conv2DSaved.workspace``)."""
+    """What the Winograd forward keeps for backward (``Conv2DSaved.workspace``).
 
-    v: np.ndarray  # (16, N*TH*TW, C): B^T d B of every input tile
+    ``v`` holds the transformed input until the first backward takes it: a
+    layer keeps its saved state until its next forward, and two of these
+    (4x the input each) would otherwise be alive then. A second backward from
+    the same state transforms the input again.
+    """
+
+    v: list[np.ndarray]  # [(16, N*TH*TW, C)]: B^T d B of every input tile, or [] once taken
     th: int  # tiles down: ceil(OH / 2)
     tw: int  # tiles across: ceil(OW / 2)
 
@@ -289,7 +295,7 @@ def _forward(
     oh, ow = x.shape[2] + pads[0] + pads[1] - 2, x.shape[3] + pads[2] + pads[3] - 2
     u = _filters(w)  # (16, C, F)
     t = th * tw
-    v = np.empty((16, n * t, c), x.dtype)  # kept for backward
+    v = recycler.empty((16, n * t, c), x.dtype)  # kept for backward
     y = recycler.empty((n, th, 2, tw, 2, f), x.dtype)  # NHWC, 2x2 blocks
     step = max(1, min(n, CHUNK_BYTES // (16 * t * (c + f) * x.itemsize)))
 
@@ -310,7 +316,7 @@ def _forward(
     y = y.reshape(n, 2 * th, 2 * tw, f)  # (N, 2TH, 2TW, F)
     if (2 * th, 2 * tw) != (oh, ow):
         y = np.ascontiguousarray(y[:, :oh, :ow])  # (N, OH, OW, F)
-    saved = Conv2DSaved(x=x, col=None, workspace=WinogradWorkspace(v, th, tw))
+    saved = Conv2DSaved(x=x, col=None, workspace=WinogradWorkspace([v], th, tw))
     return y.transpose(0, 3, 1, 2), saved  # (N, F, OH, OW), NHWC memory
 
 
@@ -326,11 +332,11 @@ def _backward(
     n, _, h, wd = x.shape
     oh, ow = dy.shape[2], dy.shape[3]
     ws = saved.workspace
-    if isinstance(ws, WinogradWorkspace) and ws.v.shape[1] == n * ws.th * ws.tw:
-        v, th, tw = ws.v, ws.th, ws.tw
-    else:  # the forward was not this kernel's: transform the input again
+    if isinstance(ws, WinogradWorkspace) and ws.v and ws.v[0].shape[1] == n * ws.th * ws.tw:
+        v, th, tw = ws.v.pop(), ws.th, ws.tw  # taken: its memory is recycled once we are done
+    else:  # another kernel's forward, or a second backward: transform the input again
         xh, th, tw = _tiled_input(x, pads)
-        v = np.empty((16, n * th * tw, c), x.dtype)
+        v = recycler.empty((16, n * th * tw, c), x.dtype)
         _input_transform(xh, th, tw, v)
     t = th * tw
     dyh = dy.transpose(0, 2, 3, 1)  # (N, OH, OW, F)
