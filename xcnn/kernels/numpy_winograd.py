@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -245,17 +246,28 @@ def _one_blas_thread() -> Iterator[None]:
     loaded machine every product would wait at BLAS's barrier for a helper
     thread that is not running (measured: 2-3x slower LeNet steps). OpenBLAS's
     setting is process-wide, so only the thread that starts the workers sets
-    it, before they start, and restores it after they end.
+    it, before they start, and restores it after they end (overlapping blocks
+    from several user threads: the first saves, the last restores).
     """
     set_threads = _blas_set_threads()
     if set_threads is None:
         yield
         return
-    before = set_threads(1)
+    with _BLAS_LOCK:  # the first of overlapping blocks (other user threads) saves the count
+        if _BLAS_SAVED[1] == 0:
+            _BLAS_SAVED[0] = set_threads(1)
+        _BLAS_SAVED[1] += 1
     try:
         yield
     finally:
-        set_threads(before)
+        with _BLAS_LOCK:  # and the last one restores it
+            _BLAS_SAVED[1] -= 1
+            if _BLAS_SAVED[1] == 0:
+                set_threads(_BLAS_SAVED[0])
+
+
+_BLAS_LOCK = threading.Lock()
+_BLAS_SAVED = [0, 0]  # [thread count before the outermost block, blocks running]
 
 
 @functools.cache
