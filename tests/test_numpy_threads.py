@@ -58,3 +58,29 @@ def test_small_or_other_inputs_take_the_generic_code(monkeypatch):
     F.dense_backward(np.ones((2, 4)), x, w)  # below MIN_WORK
     F.dense(x.astype(np.float32), w)  # mixed dtypes
     assert not called
+
+
+def test_blas_threads_restored_after_user_threads(threaded):
+    """Several user threads inside kernels at once: the count before them comes back."""
+    import threading
+
+    set_threads = wg._blas_set_threads()
+    if set_threads is None:
+        pytest.skip("NumPy's BLAS is not the bundled OpenBLAS: nothing is switched")
+    before = set_threads(2)
+    set_threads(before)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((8, 32, 12, 12)).astype(np.float32)
+    w = rng.standard_normal((16, 32, 3, 3)).astype(np.float32)
+
+    def job():
+        for _ in range(10):
+            y, saved = F.conv2d(x, w)
+            F.conv2d_backward(np.ones_like(y), saved, w)
+
+    threads = [threading.Thread(target=job) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set_threads(before) == before
