@@ -84,3 +84,25 @@ def test_blas_threads_restored_after_user_threads(threaded):
     for t in threads:
         t.join()
     assert set_threads(before) == before
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_matches_generic(dtype, monkeypatch):
+    monkeypatch.setattr(nt, "MIN_ELEMENTS", 1)
+    monkeypatch.setattr(wg, "THREADS", 3)
+    rng = np.random.default_rng(3)
+    x = np.ascontiguousarray(rng.standard_normal((5, 6, 7, 4)).astype(dtype)).transpose(0, 3, 1, 2)
+    x[1, 2, 3, 4] = np.nan
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    y, mask = F.relu(x)
+    dx = F.relu_backward(dy, mask)
+    with kernels.disabled("numpy"):
+        y0, mask0 = F.relu(x)
+        dx0 = F.relu_backward(dy, mask0)
+    np.testing.assert_array_equal(y, y0)
+    np.testing.assert_array_equal(mask, mask0)
+    np.testing.assert_array_equal(dx, dx0)
+    dy[4, 0, 0, 0] = np.inf  # a non-finite gradient: the generic result, exactly
+    with kernels.disabled("numpy"):
+        want = F.relu_backward(dy, mask0)
+    np.testing.assert_array_equal(F.relu_backward(dy, mask), want)

@@ -8,7 +8,10 @@ runs side by side on :data:`xcnn.kernels.numpy_winograd.THREADS` threads,
 each product on one BLAS thread (the mechanism of the Winograd chunks):
 
 - ``dense``: the rows of ``x`` in as many blocks as threads;
-- ``dense_backward``: ``dx = dy @ w.T`` on one thread, ``dw = x.T @ dy`` on another.
+- ``dense_backward``: ``dx = dy @ w.T`` on one thread, ``dw = x.T @ dy`` on another;
+- ``relu`` / ``relu_backward``: the kernels of :mod:`xcnn.kernels.numpy` on
+  blocks of the batch, one per thread (NumPy's element-wise passes use one
+  core; PyTorch's use all).
 
 Layers below :data:`MIN_WORK` multiply-adds run as the generic code.
 """
@@ -18,6 +21,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+from xcnn.recycler import recycler
 
 from . import FALLBACK, register
 from . import numpy_winograd as wg
@@ -63,3 +68,46 @@ def dense_backward(dy: Any, x: Any, w: Any) -> Any:
         dw = x.T @ dy  # (I, O)
         db = dy.sum(axis=0)  # (O,)
         return dx.result(), dw, db
+
+
+#: Fewest elements for which the element-wise kernels split the batch over threads.
+MIN_ELEMENTS = 1 << 18
+
+
+def _split(x: Any) -> bool:
+    return wg.THREADS >= 2 and x.ndim >= 1 and x.shape[0] >= 2 and x.size >= MIN_ELEMENTS
+
+
+@register("numpy", "relu")
+def relu(x: Any) -> Any:
+    if type(x) is not np.ndarray or x.dtype not in _FLOATS or not _split(x):
+        return FALLBACK
+    y, mask = recycler.like(x), recycler.like(x, bool)
+
+    def block(start: int, stop: int) -> None:
+        np.fmax(x[start:stop], x.dtype.type(0), out=y[start:stop])  # NaN -> 0, as the generic
+        np.greater(x[start:stop], 0, out=mask[start:stop])
+
+    wg._spread(x.shape[0], 1, block)
+    return y, mask
+
+
+@register("numpy", "relu_backward")
+def relu_backward(dy: Any, mask: Any) -> Any:
+    if (
+        type(dy) is not np.ndarray
+        or dy.dtype not in _FLOATS
+        or type(mask) is not np.ndarray
+        or mask.shape != dy.shape
+        or not _split(dy)
+    ):
+        return FALLBACK
+    dx = recycler.like(dy)
+
+    def block(start: int, stop: int) -> bool:
+        np.multiply(dy[start:stop], mask[start:stop], out=dx[start:stop])
+        return bool(np.isfinite(np.sum(dx[start:stop])))
+
+    if not all(wg._spread(dy.shape[0], 1, block)):
+        return FALLBACK  # a NaN/inf gradient: the generic ``where`` decides
+    return dx
