@@ -559,7 +559,13 @@ def _fast_paths_state() -> str:
         from xcnn import kernels
     except ImportError:
         return "none (generic array-API code only)"
-    return "on" if kernels.enabled("numpy") else "off (XCNN_FAST=0)"
+    if not kernels.enabled("numpy"):
+        return "off (XCNN_FAST=0)"
+    try:
+        from xcnn.kernels import numpy_winograd
+    except ImportError:
+        return "on"
+    return "on, Winograd " + ("on" if numpy_winograd.ENABLED else "off (XCNN_WINOGRAD=0)")
 
 
 def _cpu_model() -> str:
