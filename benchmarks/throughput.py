@@ -473,8 +473,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-
-
 def bench_nets(device: str, dry: bool = False, named: bool = False) -> list[str]:
     """The nets to race: seed and lenet, and on a GPU those of :data:`EXTRA_NETS` that exist.
 
@@ -801,7 +799,8 @@ def _contended_table(out: dict[str, Any], modes: list[str]) -> str:
 
 def _targets(out: dict[str, Any], device: str, contended: bool = False) -> str:
     ref = "torch-fp32" if device == "gpu" else "torch-cpu"
-    lines = [f"Targets (ratios against {ref}, same run):"]
+    issues = "issue 9" if device == "gpu" else "issues 4 and 10"
+    lines = [f"Targets ({issues}; ratios against {ref}, same run):"]
     for what, net, batch, op, thr in GPU_TARGETS if device == "gpu" else CPU_TARGETS:
         kind, vs = what.split("/")
         if kind == "contended" and not contended:
