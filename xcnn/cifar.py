@@ -41,6 +41,8 @@ CIFAR10_CLASSES = (
 CIFAR10_FILE = "cifar-10-binary.tar.gz"
 #: MD5 of the official archive, as published on https://www.cs.toronto.edu/~kriz/cifar.html.
 CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
+#: Its size in bytes: the download cap (above the 100 MB default for other datasets).
+CIFAR10_BYTES = 170_052_171
 CIFAR10_MIRRORS = (
     "https://www.cs.toronto.edu/~kriz/",
     "http://www.cs.toronto.edu/~kriz/",
@@ -163,7 +165,7 @@ def cifar10(
     cache_dir: str | os.PathLike[str] | None = None,
     download: bool = True,
     mirrors: Sequence[str] | None = None,
-    md5: str | None = CIFAR10_MD5,
+    md5: str = CIFAR10_MD5,
     progress: bool = True,
 ) -> Splits:
     """Load CIFAR-10: 50000 train and 10000 test colour pictures of 32x32, 10 classes.
@@ -181,8 +183,9 @@ def cifar10(
         Download the tarball when it is missing from the cache or its MD5 is wrong.
     mirrors : sequence of str, optional
         Base URLs tried in order (default: :data:`CIFAR10_MIRRORS`).
-    md5 : str or None
-        Expected MD5 of the tarball (default: the official one); None skips the check.
+    md5 : str
+        Expected MD5 of the tarball (default: the official one). Required: the cache
+        never holds a download that was not checked.
     progress : bool
         Show a progress bar while downloading.
 
@@ -215,7 +218,9 @@ def cifar10(
     base = cache_dir or os.environ.get("XCNN_DATA") or Path.home() / ".cache" / "xcnn"
     cache = Path(base) / "cifar-10"
     dest = cache / CIFAR10_FILE
-    ok = dest.is_file() and (md5 is None or datasets._md5(dest) == md5)
+    if not md5:
+        raise ValueError("cifar10: a download is checked against an MD5; md5 must be given")
+    ok = dest.is_file() and datasets._md5(dest) == md5
     if not ok:
         hint = "pass download=True, or root= a directory holding the files"
         if not download:
@@ -226,5 +231,8 @@ def cifar10(
         chosen = CIFAR10_MIRRORS if mirrors is None else mirrors
         if isinstance(chosen, str):
             chosen = [chosen]
-        datasets._download(CIFAR10_FILE, dest, chosen, md5, progress)
+        # Its own size cap and an hour: the archive is 170 MB, 17x MNIST's largest file.
+        datasets._download(
+            CIFAR10_FILE, dest, chosen, md5, progress, max_bytes=CIFAR10_BYTES, seconds=3600.0
+        )
     return _from_tar(dest)

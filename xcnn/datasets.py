@@ -266,13 +266,25 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fetch(url: str, dest: Path, md5: str, progress: bool) -> None:
+def _fetch(
+    url: str,
+    dest: Path,
+    md5: str,
+    progress: bool,
+    *,
+    max_bytes: int | None = None,
+    seconds: float | None = None,
+) -> None:
     """Stream ``url`` to a temp file beside ``dest``; move it into place only once verified.
 
-    The whole download has :data:`DOWNLOAD_DEADLINE` seconds (each read still times out
-    after :data:`DOWNLOAD_TIMEOUT`), and may be at most :data:`MAX_DOWNLOAD_BYTES`.
+    The whole download has ``seconds`` (default :data:`DOWNLOAD_DEADLINE`; each read
+    still times out after :data:`DOWNLOAD_TIMEOUT`), and may be at most ``max_bytes``
+    (default :data:`MAX_DOWNLOAD_BYTES`; a bigger archive, such as CIFAR-10's, passes
+    its own known size).
     """
-    deadline = time.monotonic() + DOWNLOAD_DEADLINE
+    limit = MAX_DOWNLOAD_BYTES if max_bytes is None else max_bytes
+    seconds = DOWNLOAD_DEADLINE if seconds is None else seconds
+    deadline = time.monotonic() + seconds
     with atomic_write(dest) as out:
         try:
             resp = urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT)
@@ -282,10 +294,8 @@ def _fetch(url: str, dest: Path, md5: str, progress: bool) -> None:
         with resp:
             length = resp.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
-            if total is not None and total > MAX_DOWNLOAD_BYTES:
-                raise DownloadError(
-                    f"{total} bytes announced, over the {MAX_DOWNLOAD_BYTES}-byte limit"
-                )
+            if total is not None and total > limit:
+                raise DownloadError(f"{total} bytes announced, over the {limit}-byte limit")
             h, got = hashlib.md5(), 0
             with tqdm(
                 total=total, unit="B", unit_scale=True, desc=dest.name, disable=not progress
@@ -297,12 +307,10 @@ def _fetch(url: str, dest: Path, md5: str, progress: bool) -> None:
                     h.update(block)
                     got += len(block)
                     bar.update(len(block))
-                    if got > MAX_DOWNLOAD_BYTES:
-                        raise DownloadError(f"over the {MAX_DOWNLOAD_BYTES}-byte limit")
+                    if got > limit:
+                        raise DownloadError(f"over the {limit}-byte limit")
                     if time.monotonic() > deadline:
-                        raise DownloadError(
-                            f"took over {DOWNLOAD_DEADLINE:g} s in all ({got} bytes so far)"
-                        )
+                        raise DownloadError(f"took over {seconds:g} s in all ({got} bytes so far)")
         # http.client returns a short body silently when the peer closes early.
         if total is not None and got < total:
             raise DownloadError(f"short body: {got} of {total} bytes (connection dropped?)")
@@ -310,13 +318,25 @@ def _fetch(url: str, dest: Path, md5: str, progress: bool) -> None:
             raise DataError(f"bad checksum: MD5 {h.hexdigest()}, expected {md5}")
 
 
-def _download(filename: str, dest: Path, mirrors: Sequence[str], md5: str, progress: bool) -> None:
-    """Try each mirror in turn; raise DownloadError listing every failure if none works."""
+def _download(
+    filename: str,
+    dest: Path,
+    mirrors: Sequence[str],
+    md5: str,
+    progress: bool,
+    *,
+    max_bytes: int | None = None,
+    seconds: float | None = None,
+) -> None:
+    """Try each mirror in turn; raise DownloadError listing every failure if none works.
+
+    ``max_bytes`` and ``seconds`` bound each attempt as in :func:`_fetch`.
+    """
     failures = ["  (no mirrors given)"] if not mirrors else []
     for base in mirrors:
         url = base.rstrip("/") + "/" + filename
         try:
-            _fetch(url, dest, md5, progress)
+            _fetch(url, dest, md5, progress, max_bytes=max_bytes, seconds=seconds)
             return
         # ValueError covers DataError (checksum) and malformed URLs.
         except (OSError, http.client.HTTPException, ValueError) as exc:
