@@ -565,7 +565,7 @@ def _fast_paths_state() -> str:
         from xcnn.kernels import numpy_winograd
     except ImportError:
         return "on"
-    return "on, Winograd " + ("on" if numpy_winograd.ENABLED else "off (XCNN_WINOGRAD=0)")
+    return "on, Winograd " + ("on (XCNN_WINOGRAD=1)" if numpy_winograd.ENABLED else "off")
 
 
 def _cpu_model() -> str:

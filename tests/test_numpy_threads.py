@@ -11,6 +11,12 @@ from xcnn.kernels import numpy_threads as nt
 from xcnn.kernels import numpy_winograd as wg
 
 
+@pytest.fixture(autouse=True)
+def _winograd_on(monkeypatch):
+    """The threaded kernels are opt-in (``XCNN_WINOGRAD=1``): these tests switch them on."""
+    monkeypatch.setattr(wg, "ENABLED", True)
+
+
 @pytest.fixture
 def threaded(monkeypatch):
     monkeypatch.setattr(nt, "MIN_WORK", 1)

@@ -22,6 +22,12 @@ def rel(a, b) -> float:
     return float(np.abs(a - b).max(initial=0.0) / max(np.abs(b).max(initial=0.0), 1e-300))
 
 
+@pytest.fixture(autouse=True)
+def _winograd_on(monkeypatch):
+    """Winograd is opt-in (``XCNN_WINOGRAD=1``): these tests switch it on (and off where asked)."""
+    monkeypatch.setattr(wg, "ENABLED", True)
+
+
 @pytest.fixture
 def winograd_off(monkeypatch):
     monkeypatch.setattr(wg, "ENABLED", False)

@@ -37,7 +37,8 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 def _takes(*arrays: Any) -> bool:
     return (
-        wg.THREADS >= 2
+        wg.ENABLED
+        and wg.THREADS >= 2
         and all(type(a) is np.ndarray and a.ndim in (1, 2) and a.dtype in _FLOATS for a in arrays)
         and len({a.dtype for a in arrays}) == 1
     )

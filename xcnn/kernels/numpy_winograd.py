@@ -66,8 +66,13 @@ from xcnn.recycler import recycler
 from . import FALLBACK, register
 from . import numpy as direct
 
-#: Whether the Winograd kernels run (``XCNN_WINOGRAD=0`` in the environment turns them off).
-ENABLED = os.environ.get("XCNN_WINOGRAD", "1") != "0"
+#: Whether the Winograd (and the threaded dense/ReLU) kernels run: opt-in,
+#: ``XCNN_WINOGRAD=1``. On a quiet 2-core machine (2026-12-01, ``benchmarks.throughput``)
+#: the im2col kernels with OpenBLAS's own two threads trained LeNet at 1,119 / 1,168 img/s
+#: (batch 32 / 128) against 948 / 1,058 with these, and the seed net at batch 32 at 28.6k
+#: against 18.3k img/s; under load these win (docs/performance.md). Off until they also
+#: win on a quiet machine.
+ENABLED = os.environ.get("XCNN_WINOGRAD", "0") == "1"
 
 #: Fewest input channels worth the transforms: below this the direct kernel is as fast.
 MIN_CHANNELS = 4
