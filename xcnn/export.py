@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -58,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from . import functional as F
+from .atomic import atomic_write
 from .backend import to_numpy
 from .training import SCALES
 
@@ -106,19 +106,10 @@ def _scale_of(model: Any, scale: str | None) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Temp file in the target's directory, fsync, rename: readers never see half a file."""
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Through :func:`xcnn.atomic.atomic_write`: readers never see half a file, a symlink is
+    written through to its target, modes follow the umask, a device is never replaced."""
+    with atomic_write(path) as fh:
+        fh.write(data)
 
 
 # ---------------------------------------------------------------------------
