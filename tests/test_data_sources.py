@@ -15,7 +15,7 @@ import pytest
 
 import xcnn
 from xcnn import datasets
-from xcnn.cifar import CIFAR10_CLASSES, CIFAR10_MD5
+from xcnn.cifar import CIFAR10_BYTES, CIFAR10_CLASSES, CIFAR10_MD5
 from xcnn.datasets import DataError
 
 Image = pytest.importorskip("PIL.Image", reason="image folders are decoded by Pillow")
@@ -216,13 +216,14 @@ def test_cifar10_cache_checksum_and_download(tmp_path, monkeypatch):
         datasets.cifar10(cache_dir=cache, download=False)
     calls = []
 
-    def fake_download(filename, dest, mirrors, want, progress):
-        calls.append((filename, list(mirrors), want))
+    def fake_download(filename, dest, mirrors, want, progress, *, max_bytes=None, seconds=None):
+        calls.append((filename, list(mirrors), want, max_bytes))
         dest.write_bytes(tar_path.read_bytes())
 
     monkeypatch.setattr(datasets, "_download", fake_download)
     s = datasets.cifar10(cache_dir=cache, md5=md5, mirrors=["http://mirror/"])
-    assert calls == [("cifar-10-binary.tar.gz", ["http://mirror/"], md5)]
+    # CIFAR-10's 170 MB archive gets its own size cap, above the 100 MB default.
+    assert calls == [("cifar-10-binary.tar.gz", ["http://mirror/"], md5, CIFAR10_BYTES)]
     np.testing.assert_array_equal(s.x_test, expected(parts)[2])
     datasets.cifar10(cache_dir=cache, md5=md5, download=False)  # cached and verified: no call
     assert len(calls) == 1
@@ -230,6 +231,8 @@ def test_cifar10_cache_checksum_and_download(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="MD5 mismatch"):
         datasets.cifar10(cache_dir=cache, download=False)
     assert CIFAR10_MD5 == "c32a1d4ab5d03f1284b67883e8d87530"
+    with pytest.raises(ValueError, match="MD5"):  # a download is never cached unchecked
+        datasets.cifar10(cache_dir=cache, md5="")
 
 
 def test_cifar10_errors_name_the_file(tmp_path):
