@@ -246,6 +246,39 @@ def conv2d_backward(
     return dx[:, :, top : top + h, left : left + wd], dw, db
 
 
+@delegate
+def conv2d_relu(
+    x: Array, w: Array, b: Array | None = None, *, stride: int = 1, padding: Padding = "valid"
+) -> tuple[Array, Conv2DSaved, Array]:
+    """``relu(conv2d(x, w, b))`` as one op: ``(y, saved, mask)``, ``mask = conv > 0``.
+
+    :class:`xcnn.Sequential` runs a :class:`~xcnn.Conv2D` followed by a
+    :class:`~xcnn.ReLU` through this op, so that a kernel set can apply the
+    ReLU to each chunk of the convolution's output while it is in cache
+    (and, in :func:`conv2d_relu_backward`, the mask to each chunk of ``dy``).
+    The generic code is exactly the two ops.
+    """
+    y, saved = conv2d(x, w, b, stride=stride, padding=padding)
+    y, mask = relu(y)
+    return y, saved, mask
+
+
+@delegate
+def conv2d_relu_backward(
+    dy: Array,
+    saved: Conv2DSaved,
+    mask: Array,
+    w: Array,
+    *,
+    stride: int = 1,
+    padding: Padding = "valid",
+    need_dx: bool = True,
+) -> tuple[Array | None, Array, Array]:
+    """Gradients of :func:`conv2d_relu`: :func:`conv2d_backward` of ``relu_backward(dy, mask)``."""
+    dz = relu_backward(dy, mask)
+    return conv2d_backward(dz, saved, w, stride=stride, padding=padding, need_dx=need_dx)
+
+
 # ---------------------------------------------------------------------------
 # Pooling
 # ---------------------------------------------------------------------------

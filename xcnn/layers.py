@@ -280,15 +280,34 @@ class Conv2D(Layer):
         self.cache = {"saved": saved} if train else {}
         return y
 
-    def backward(self, dy: Array, *, need_dx: bool = True) -> Array | None:
-        dx, dw, db = F.conv2d_backward(
-            dy,
-            self._cached("saved"),
+    def forward_relu(self, x: Array, relu: ReLU, *, train: bool = True) -> Array:
+        """``relu.forward(self.forward(x))`` as one op (:func:`xcnn.functional.conv2d_relu`).
+
+        :class:`xcnn.Sequential` calls this for a Conv2D followed by a ReLU.
+        This layer's :meth:`backward` then applies the ReLU's mask too, and
+        the ReLU's backward passes its gradient through unchanged.
+        """
+        self.check_input(x)
+        y, saved, mask = F.conv2d_relu(
+            x,
             self.params["weight"],
+            self.params.get("bias"),
             stride=self.stride,
             padding=self.padding,
-            need_dx=need_dx,
         )
+        self.cache = {"saved": saved, "relu_mask": mask} if train else {}
+        relu.cache = {"fused": True} if train else {}
+        return y
+
+    def backward(self, dy: Array, *, need_dx: bool = True) -> Array | None:
+        saved, mask = self._cached("saved"), self.cache.get("relu_mask")
+        args = (
+            (dy, saved, self.params["weight"])
+            if mask is None
+            else (dy, saved, mask, self.params["weight"])
+        )
+        op = F.conv2d_backward if mask is None else F.conv2d_relu_backward
+        dx, dw, db = op(*args, stride=self.stride, padding=self.padding, need_dx=need_dx)
         self.grads = {"weight": dw, "bias": db} if self.bias else {"weight": dw}
         return dx
 
@@ -481,6 +500,8 @@ class ReLU(Layer):
         return y
 
     def backward(self, dy: Array, *, need_dx: bool = True) -> Array:
+        if self.cache.get("fused"):  # the convolution before applies the mask (forward_relu)
+            return dy
         return F.relu_backward(dy, self._cached("mask"))
 
 

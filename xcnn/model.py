@@ -8,7 +8,7 @@ from typing import Any
 from . import blocks  # noqa: F401  (registers BatchNorm2D, Dropout, ... for from_config)
 from .backend import Backend, resolve_backend, to_numpy
 from .init import make_rng
-from .layers import Layer, ShapeError, layer_from_config
+from .layers import Conv2D, Layer, ReLU, ShapeError, layer_from_config
 
 Array = Any
 
@@ -197,8 +197,18 @@ class Sequential:
                 f"Sequential: empty batch (input shape {tuple(x.shape)}): give at least one sample"
             )
         with self.backend.activate():
-            for layer in self.layers:
-                x = layer.forward(x, train=train)
+            layers, i = self.layers, 0
+            while i < len(layers):
+                layer = layers[i]
+                after = layers[i + 1] if i + 1 < len(layers) else None
+                if isinstance(layer, Conv2D) and type(after) is ReLU:
+                    # One op, so a kernel set can apply the ReLU while the convolution's
+                    # output is in cache (the results are those of the two layers).
+                    x = layer.forward_relu(x, after, train=train)
+                    i += 2
+                else:
+                    x = layer.forward(x, train=train)
+                    i += 1
         self._out_shape = tuple(x.shape) if train else self._out_shape
         return x
 

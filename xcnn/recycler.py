@@ -47,29 +47,51 @@ class Recycler(threading.local):
     element-wise layer. A buffer is handed out again only when its CPython
     reference count shows that this list is its only holder, so no array a
     caller still holds (or any view of it) ever changes. Buffers are kept per
-    thread, the most recently used last; beyond ``max_buffers`` the oldest is
+    thread and by size (a request looks only at buffers of its size); beyond
+    ``max_buffers`` the oldest buffer of the size used longest ago is
     forgotten (and freed when its last user lets go).
     """
 
     max_buffers = 64
 
     def __init__(self) -> None:
-        self.buffers: list[np.ndarray] = []  # 1-D uint8 arrays
+        # Buffers by size in bytes, each list most recently used last; the sizes in
+        # the order last used (a dict keeps insertion order), for forgetting the oldest.
+        self.sizes: dict[int, list[np.ndarray]] = {}  # nbytes -> 1-D uint8 arrays
+        self.count = 0
+
+    @property
+    def buffers(self) -> list[np.ndarray]:
+        """Every buffer held, of every size."""
+        return [buf for bufs in self.sizes.values() for buf in bufs]
 
     def empty(self, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         """An uninitialised C-contiguous array, in recycled memory when possible."""
         dtype = np.dtype(dtype)
         nbytes = dtype.itemsize * math.prod(shape)
-        buffers = self.buffers
-        for i in range(len(buffers)):  # (no loop variable: it would hold a reference)
-            if buffers[i].nbytes == nbytes and _refs(buffers, i) == _UNHELD:
-                buffers.append(buffers.pop(i))
+        bufs = self.sizes.pop(nbytes, None)  # re-inserted below: now the latest size used
+        if bufs is None:
+            bufs = []
+        for i in range(len(bufs)):  # (no loop variable: it would hold a reference)
+            if _refs(bufs, i) == _UNHELD:
+                bufs.append(bufs.pop(i))
                 break
         else:
-            buffers.append(np.empty(nbytes, np.uint8))
-            if len(buffers) > self.max_buffers:
-                del buffers[0]
-        return buffers[-1].view(dtype).reshape(shape)
+            bufs.append(np.empty(nbytes, np.uint8))
+            self.count += 1
+        self.sizes[nbytes] = bufs
+        if self.count > self.max_buffers:  # forget the oldest buffer of the size used longest ago
+            oldest = next(iter(self.sizes))
+            del self.sizes[oldest][0]
+            self.count -= 1
+            if not self.sizes[oldest]:
+                del self.sizes[oldest]
+        return bufs[-1].view(dtype).reshape(shape)
+
+    def clear(self) -> None:
+        """Forget every buffer (each is freed once nothing else refers to it)."""
+        self.sizes.clear()
+        self.count = 0
 
     def like(self, a: np.ndarray, dtype: Any = None) -> np.ndarray:
         """An uninitialised array shaped like ``a`` with ``a``'s axis order in memory.
@@ -77,8 +99,11 @@ class Recycler(threading.local):
         Element-wise passes over operands with one layout run over contiguous
         memory; mixing an NHWC operand with an NCHW one would not.
         """
+        dtype = a.dtype if dtype is None else dtype
+        if a.flags.c_contiguous:
+            return self.empty(a.shape, dtype)
         order = memory_order(a)
-        mem = self.empty(tuple(a.shape[ax] for ax in order), a.dtype if dtype is None else dtype)
+        mem = self.empty(tuple(a.shape[ax] for ax in order), dtype)
         return mem.transpose(tuple(order.index(ax) for ax in range(a.ndim)))
 
 
@@ -88,4 +113,4 @@ recycler = Recycler()
 
 def release_memory() -> None:
     """Forget the recycled buffers of this thread (they are freed once unused)."""
-    recycler.buffers.clear()
+    recycler.clear()

@@ -40,6 +40,10 @@ From :mod:`xcnn.functional`::
     conv2d(x, w, b=None, *, stride=1, padding="valid") -> (y (N, F, OH, OW), Conv2DSaved)
     conv2d_backward(dy, saved, w, *, stride=1, padding="valid", need_dx=True)
         -> (dx (N, C, H, W) or None, dw (F, C, KH, KW), db (F,))
+    conv2d_relu(x, w, b=None, *, stride=1, padding="valid")
+        -> (y (N, F, OH, OW), Conv2DSaved, mask (N, F, OH, OW) bool)
+    conv2d_relu_backward(dy, saved, mask, w, *, stride=1, padding="valid", need_dx=True)
+        -> (dx (N, C, H, W) or None, dw (F, C, KH, KW), db (F,))
     max_pool2d(x, kernel_size, stride) -> (y (N, C, OH, OW), mask (N, C, K*K, OH, OW) bool)
     max_pool2d_values(x, kernel_size, stride) -> y
     max_pool2d_backward(dy, mask, x_shape, kernel_size, stride) -> dx
@@ -111,6 +115,8 @@ OPS = (
     "fold",
     "conv2d",
     "conv2d_backward",
+    "conv2d_relu",
+    "conv2d_relu_backward",
     "max_pool2d",
     "max_pool2d_values",
     "max_pool2d_backward",

@@ -16,19 +16,27 @@ turns them off. What was measured (2-core AMD EPYC, OpenBLAS; ``benchmarks/READM
   next convolution is then built from runs of C contiguous floats, its matrix
   product writes NHWC rows directly, and the element-wise layers after it
   (ReLU, max-pool) keep whatever layout they get.
-- **Cache-sized chunks, nothing kept.** The im2col matrix of a whole batch is
-  9x the input (85 MB for LeNet's second conv at batch 128); building and
-  multiplying it a few images at a time keeps it in cache (2x faster), and
-  backward rebuilds what it needs from the input instead of keeping it.
-- **Backward without col2im.** For stride 1, on the "full-width grid" (the
+- **Chunks on threads.** The im2col matrix of a whole batch is 9x the input
+  (85 MB for LeNet's second conv at batch 128); building and multiplying it
+  a few images at a time keeps it in cache (2x faster), and backward
+  rebuilds what it needs from the input instead of keeping it. The chunks
+  run on :mod:`.numpy_parallel`'s threads, each product on one BLAS thread,
+  so the copies and element-wise passes use every core too, not only BLAS.
+  Window rows are runs of KW*C floats in NHWC memory (:func:`_windows`).
+- **Fusion.** ``conv2d_relu`` applies the ReLU to each chunk of output rows
+  while they are in cache, and its backward masks each chunk of ``dy`` as
+  it is read (:class:`xcnn.Sequential` uses it for Conv2D -> ReLU).
+- **dx without col2im.** For stride 1, on the "full-width grid" (the
   output computed at every input column, with the W - OW extra columns
   zero in dy) a kernel offset (i, j) is a shift of ``i*W + j`` rows of the
   flattened NHWC image. So ``dx`` is 9 small matrix products each added to one
-  contiguous row range, and ``dW[i, j]`` is ``dy^T`` times a shifted view of the
-  input (no copy). Scattering an im2col gradient instead costs 1.5x more.
+  contiguous row range; scattering an im2col gradient instead costs 1.5x more.
+  ``dW`` is one product of ``dy^T`` with the chunk's im2col rows.
 - **Single channel.** For C = 1 (a first layer) each shifted image is one run
   of OW floats, so the columns are built transposed, (KH*KW, N*OH*OW), and
   BLAS reads them transposed.
+- **Dense.** The products are split over output columns (forward) or input
+  features (backward), so each thread reads its own part of the weights.
 - **Element-wise.** ``np.where`` and masked ``copyto`` are 6-8x slower than
   ``fmax`` and a multiply by a boolean mask; where a multiply would turn a
   non-finite gradient into NaN instead of 0, a cheap check falls back to the
@@ -37,7 +45,7 @@ turns them off. What was measured (2-core AMD EPYC, OpenBLAS; ``benchmarks/READM
   earlier calls once nothing refers to it any more (:class:`xcnn.recycler.Recycler`):
   page faults and the kernel zeroing fresh pages cost as much as the math of
   an element-wise layer, and made the per-step time swing with the C
-  allocator's state.
+  allocator's state. (Per-thread workspaces are made before the threads start.)
 - **Inference.** Max-pooling without a mask takes the max of K rows, then of
   K columns: 2 passes instead of K*K - 1, one of them over long runs.
 """
@@ -53,9 +61,15 @@ from xcnn.functional import Conv2DSaved, Padding, pad_amounts
 from xcnn.recycler import memory_order, recycler
 
 from . import FALLBACK, register
+from .numpy_parallel import THREADS, chunk_count, run_chunks
 
 #: Bytes of im2col workspace per chunk of images: fits the L2/L3 caches of common CPUs.
 CHUNK_BYTES = 2 << 20
+
+#: Bytes of input (output, for a single-channel convolution) per chunk of an
+#: element-wise pass: enough work for a thread's start-up (about 20 us), small
+#: enough that a batch splits for two threads.
+PASS_BYTES = 1 << 20
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -76,9 +90,15 @@ def _out(size: int, k: int, stride: int) -> int:
     return (size - k) // stride + 1
 
 
-def _chunk(n: int, row_bytes: int) -> int:
-    """How many images make one chunk of about CHUNK_BYTES workspace."""
-    return max(1, min(n, CHUNK_BYTES // max(row_bytes, 1)))
+def _chunk(n: int, row_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Images per chunk: about ``chunk_bytes`` of workspace, the batch in equal chunks."""
+    step = max(1, min(n, chunk_bytes // max(row_bytes, 1)))
+    return -(-n // chunk_count(n, step))  # 32 images in chunks of 11, 11, 10, not 12, 12, 8
+
+
+def _slots(n: int, step: int) -> range:
+    """The thread slots :func:`run_chunks` will use for chunks of ``step`` images."""
+    return range(max(1, min(THREADS, chunk_count(n, step))))
 
 
 def _nhwc(x: np.ndarray, pads: tuple[int, int, int, int]) -> np.ndarray:
@@ -93,75 +113,102 @@ def _nhwc(x: np.ndarray, pads: tuple[int, int, int, int]) -> np.ndarray:
     return out
 
 
-def _shifted(flat: np.ndarray, kh: int, kw: int, row_w: int, rows: int) -> np.ndarray:
-    """Read-only view (KH, KW, rows, C) of ``flat`` (R, C), [i, j] = ``flat[i*row_w + j:][:rows]``.
-
-    On the full-width grid this is what kernel offset (i, j) sees, for every
-    output position at once, without copying.
-    """
-    r, c = flat.strides
-    return as_strided(flat, (kh, kw, rows, flat.shape[1]), (row_w * r, r, r, c), writeable=False)
-
-
 # ---------------------------------------------------------------------------
 # Convolution (stride 1; strided convolutions fall back to the generic code)
 # ---------------------------------------------------------------------------
 
 
-def _conv2d(
-    x: np.ndarray, w: np.ndarray, b: np.ndarray | None, pads: tuple[int, ...]
-) -> tuple[np.ndarray, Conv2DSaved]:
-    """Stride-1 convolution: ``y`` (N, F, OH, OW), an NCHW view of NHWC memory, and ``saved``.
+def _windows(xh: np.ndarray, kh: int, kw: int, oh: int, ow: int) -> np.ndarray:
+    """Read-only view (N, OH, OW, KH, KW*C) of an NHWC batch: the window of each output.
 
-    ``saved`` keeps the input and, for a single channel, its transposed
-    columns as workspace (only 9x a one-channel input); backward rebuilds
-    everything else from the input.
+    In NHWC memory a window row (KW pixels of C channels) is one run of KW*C
+    floats, so copying this view into an im2col matrix moves runs of KW*C
+    floats, not of C (1.3x faster for LeNet's second convolution).
+    """
+    # xh is C-contiguous, so a channel step is one item (NumPy may report any
+    # stride for an axis of length 1, as it does for C = 1: it is not read).
+    s = xh.strides
+    n, _, _, c = xh.shape
+    shape, strides = (n, oh, ow, kh, kw * c), (s[0], s[1], s[2], s[1], xh.itemsize)
+    return as_strided(xh, shape, strides, writeable=False)
+
+
+def _conv2d(
+    x: np.ndarray, w: np.ndarray, b: np.ndarray | None, pads: tuple[int, ...], relu: bool = False
+) -> tuple[np.ndarray, Conv2DSaved, np.ndarray | None]:
+    """Stride-1 convolution: ``y`` (N, F, OH, OW), an NCHW view of NHWC memory, ``saved``, mask.
+
+    Chunks of images run on threads (:mod:`.numpy_parallel`): each copies its
+    im2col rows and multiplies them while they are in cache; with ``relu``
+    the chunk's rows then become ``max(rows, 0)`` and the mask ``rows > 0``
+    (laid out like ``y``) in the same visit. ``saved`` keeps the input and,
+    for a single channel, its transposed columns as workspace (only 9x a
+    one-channel input); backward rebuilds everything else.
     """
     f, c, kh, kw = w.shape
     colt = None
     xh = _nhwc(x, pads)  # (N, HP, WP, C)
     n, hp, wp, _ = xh.shape
     oh, ow = hp - kh + 1, wp - kw + 1
+    m = oh * ow  # output rows per image
     wmat = w.transpose(2, 3, 1, 0).reshape(kh * kw * c, f)  # (KH*KW*C, F), rows (i, j, c)
-    y = recycler.empty((n * oh * ow, f), x.dtype)  # rows (n, oh, ow): NHWC
+    y = recycler.empty((n * m, f), x.dtype)  # rows (n, oh, ow): NHWC
+    mask = recycler.empty((n * m, f), bool) if relu else None
+    zero = x.dtype.type(0)
+
+    def activate(n0: int, n1: int) -> None:
+        if mask is not None:  # fmax maps NaN to 0, as the generic ReLU's where does
+            np.fmax(y[n0 * m : n1 * m], zero, out=y[n0 * m : n1 * m])
+            np.greater(y[n0 * m : n1 * m], 0, out=mask[n0 * m : n1 * m])
+
     if c == 1:
         # Single channel: columns transposed, each row a copy of runs of OW floats,
         # plus a row of ones that multiplies the bias (no separate pass adding it).
-        colt = _cols_t(xh, kh, kw, oh, ow)  # (KH*KW + 1, N*OH*OW)
-        if b is None:
-            np.matmul(colt[:-1].T, wmat, out=y)
-        else:
-            np.matmul(colt.T, np.concatenate([wmat, b[None]]), out=y)  # (KH*KW + 1, F)
+        colt = recycler.empty((kh * kw + 1, n * m), x.dtype)  # (KH*KW + 1, N*OH*OW)
+        wb = wmat if b is None else np.concatenate([wmat, b[None]])  # (KH*KW [+ 1], F)
+
+        def chunk(k: int, n0: int, n1: int, slot: int) -> None:
+            part = colt[:, n0 * m : n1 * m]
+            _fill_cols_t(part, xh[n0:n1], kh, kw, oh, ow)
+            np.matmul(part[: len(wb)].T, wb, out=y[n0 * m : n1 * m])
+            activate(n0, n1)
+
+        run_chunks(n, _chunk(n, m * f * x.itemsize, PASS_BYTES), chunk)
     else:
-        step = _chunk(n, oh * ow * kh * kw * c * x.itemsize)
-        col = recycler.empty((step, oh, ow, kh, kw, c), x.dtype)  # reused by every chunk
-        for n0 in range(0, n, step):
-            n1 = min(n, n0 + step)
-            for i in range(kh):
-                for j in range(kw):
-                    col[: n1 - n0, :, :, i, j, :] = xh[n0:n1, i : i + oh, j : j + ow, :]
-            cols = col[: n1 - n0].reshape(-1, kh * kw * c)  # (B*OH*OW, KH*KW*C)
-            rows = y[n0 * oh * ow : n1 * oh * ow]
-            np.matmul(cols, wmat, out=rows)
+        windows = _windows(xh, kh, kw, oh, ow)  # (N, OH, OW, KH, KW*C)
+        step = _chunk(n, m * kh * kw * c * x.itemsize)
+        cols = [recycler.empty((step, oh, ow, kh, kw * c), x.dtype) for _ in _slots(n, step)]
+
+        def chunk(k: int, n0: int, n1: int, slot: int) -> None:
+            col = cols[slot][: n1 - n0]
+            np.copyto(col, windows[n0:n1])
+            rows = y[n0 * m : n1 * m]
+            np.matmul(col.reshape(-1, kh * kw * c), wmat, out=rows)
             if b is not None:
                 rows += b  # while the rows are in cache
+            activate(n0, n1)
+
+        run_chunks(n, step, chunk)
     saved = Conv2DSaved(x=x, col=None, workspace=colt)
-    return y.reshape(n, oh, ow, f).transpose(0, 3, 1, 2), saved  # y (N, F, OH, OW)
+    if mask is not None:
+        mask = mask.reshape(n, oh, ow, f).transpose(0, 3, 1, 2)  # (N, F, OH, OW)
+    return y.reshape(n, oh, ow, f).transpose(0, 3, 1, 2), saved, mask  # y (N, F, OH, OW)
 
 
-def _cols_t(xh: np.ndarray, kh: int, kw: int, oh: int, ow: int) -> np.ndarray:
-    """Transposed columns of a single-channel (N, HP, WP, 1) batch and a row of ones.
+def _fill_cols_t(colt: np.ndarray, xh: np.ndarray, kh: int, kw: int, oh: int, ow: int) -> None:
+    """Write the transposed columns of a single-channel (B, HP, WP, 1) batch into ``colt``.
 
-    Returns (KH*KW + 1, N*OH*OW): row i*KW + j holds the pixels under kernel
+    ``colt`` (KH*KW + 1, B*OH*OW): row i*KW + j holds the pixels under kernel
     offset (i, j); the last row is all ones, the "pixel" a bias multiplies.
     """
-    n = xh.shape[0]
-    colt = recycler.empty((kh * kw + 1, n, oh, ow), xh.dtype)
+    b = xh.shape[0]
+    # Splitting colt's contiguous last axis always gives a view (colt may be a
+    # column range of a larger array: its rows are then not adjacent).
+    grid = colt.reshape(kh * kw + 1, b, oh, ow)
     for i in range(kh):
         for j in range(kw):
-            colt[i * kw + j] = xh[:, i : i + oh, j : j + ow, 0]
-    colt[-1] = 1
-    return colt.reshape(kh * kw + 1, n * oh * ow)
+            grid[i * kw + j] = xh[:, i : i + oh, j : j + ow, 0]
+    grid[-1] = 1
 
 
 def _conv2d_backward(
@@ -170,63 +217,110 @@ def _conv2d_backward(
     w: np.ndarray,
     pads: tuple[int, ...],
     need_dx: bool,
-) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-    """Gradients of :func:`_conv2d`: (dx (N, C, H, W) or None, dw (F, C, KH, KW), db (F,))."""
+    mask: np.ndarray | None = None,
+) -> Any:
+    """Gradients of :func:`_conv2d`: (dx (N, C, H, W) or None, dw (F, C, KH, KW), db (F,)).
+
+    Each chunk of images adds its share of ``dw`` and ``db`` to a slot of its
+    own (summed in chunk order at the end) and writes its own rows of ``dx``.
+    With the ReLU ``mask`` of :func:`_conv2d`, each chunk of ``dy`` is masked
+    as it is read; FALLBACK if that gives a NaN/inf (see :func:`_relu_backward`).
+    """
     x = saved.x
     f, c, kh, kw = w.shape
     n, _, h, wd = x.shape
     xh = _nhwc(x, pads)  # (N, HP, WP, C)
     _, hp, wp, _ = xh.shape
     oh, ow = hp - kh + 1, wp - kw + 1
-    dyh = np.ascontiguousarray(dy.transpose(0, 2, 3, 1))  # (N, OH, OW, F)
+    m = oh * ow
+    colt = saved.workspace
+    finite: list[bool] = []  # False appended by a chunk whose masked dy is not finite
+
+    def grad(n0: int, n1: int, bufs: list[np.ndarray], slot: int) -> np.ndarray:
+        """dy of images [n0, n1) as NHWC rows (B, OH, OW, F), masked by the ReLU's mask."""
+        d = dy[n0:n1].transpose(0, 2, 3, 1)
+        if mask is None:
+            return np.ascontiguousarray(d)
+        out = bufs[slot][: n1 - n0]
+        with np.errstate(invalid="ignore"):  # inf * False: NaN, and the generic code runs
+            np.multiply(d, mask[n0:n1].transpose(0, 2, 3, 1), out=out)
+        if not np.isfinite(np.sum(out)):
+            finite.append(False)
+        return out
+
     if c == 1 and not need_dx:
-        # A first layer: dW = dy^T (F, N*OH*OW) @ columns (N*OH*OW, KH*KW), one product.
+        # A first layer: dW = dy^T (F, B*OH*OW) @ columns (B*OH*OW, KH*KW) per chunk.
         # (Asked as dW^T = columns^T @ dy, OpenBLAS's two threads can spend seconds
         # waiting on each other when another process holds a core.)
         # The ones row of the columns makes the last column of the product db.
-        colt = saved.workspace
-        if not (isinstance(colt, np.ndarray) and colt.shape == (kh * kw + 1, n * oh * ow)):
-            colt = _cols_t(xh, kh, kw, oh, ow)  # the forward was not this kernel's
-        dwb = dyh.reshape(-1, f).T @ colt.T  # (F, KH*KW + 1)
+        step = _chunk(n, m * f * x.itemsize, PASS_BYTES)  # the forward's chunks
+        if not (isinstance(colt, np.ndarray) and colt.shape == (kh * kw + 1, n * m)):
+            colt = None  # the forward was not this kernel's: build the columns per chunk
+        parts = np.empty((chunk_count(n, step), f, kh * kw + 1), x.dtype)
+        dbufs = _grad_buffers(mask, n, step, (oh, ow, f), x.dtype)
+
+        def chunk(k: int, n0: int, n1: int, slot: int) -> None:
+            cols = colt[:, n0 * m : n1 * m] if colt is not None else _cols_t(xh[n0:n1], kh, kw)
+            d = grad(n0, n1, dbufs, slot).reshape(-1, f)
+            np.matmul(d.T, cols.T, out=parts[k])  # (F, KH*KW + 1)
+
+        run_chunks(n, step, chunk)
+        if finite:
+            return FALLBACK
+        dwb = _total(parts)
         return None, dwb[:, :-1].reshape(f, 1, kh, kw), dwb[:, -1].copy()
 
-    # dW on the full-width grid: dy placed at the top-left of each (HP, WP) image,
+    # dW from im2col rows rebuilt per chunk: one product (F, B*OH*OW) @ (B*OH*OW, KH*KW*C).
+    # dx on the full-width grid: dy placed at the top-left of each (HP, WP) image,
     # zeros elsewhere, so that dy row r and input row r + i*WP + j meet at offset (i, j).
     step = _chunk(n, kh * kw * hp * wp * c * x.itemsize)  # the size of z below
-    dyfw = recycler.empty((step, hp, wp, f), x.dtype)
-    dyfw[:, oh:] = 0  # the rows and columns beyond the output stay zero
-    dyfw[:, :oh, ow:] = 0
-    dwt = np.zeros((kh, kw, f, c), dtype=x.dtype)  # dW with the offsets first
-    part = np.empty_like(dwt)
-    db = np.zeros(f, dtype=x.dtype)
-    xflat = xh.reshape(-1, c)  # (N*HP*WP, C)
+    slots = _slots(n, step)
+    windows = _windows(xh, kh, kw, oh, ow)  # (N, OH, OW, KH, KW*C)
+    cols = [recycler.empty((step, oh, ow, kh, kw * c), x.dtype) for _ in slots]
+    dbufs = _grad_buffers(mask, n, step, (oh, ow, f), x.dtype)
+    dws = np.empty((chunk_count(n, step), f, kh * kw * c), x.dtype)  # dW rows (f), cols (i, j, c)
+    dbs = np.empty((chunk_count(n, step), f), x.dtype)
     if need_dx:
         wt = w.transpose(2, 3, 0, 1)  # (KH, KW, F, C): the filters of each offset
         dxh = recycler.empty(xh.shape, x.dtype)  # (N, HP, WP, C)
-        dxh.fill(0)
         dxflat = dxh.reshape(-1, c)
-        z = recycler.empty((kh, kw, step * hp * wp, c), x.dtype)
-    for n0 in range(0, n, step):
-        n1 = min(n, n0 + step)
-        d = dyh[n0:n1]  # (B, OH, OW, F)
-        db += d.reshape(-1, f).sum(axis=0)
-        dyfw[: n1 - n0, :oh, :ow, :] = d
-        rows = (n1 - n0) * hp * wp
+        dyfws = [recycler.empty((step, hp, wp, f), x.dtype) for _ in slots]
+        zs = [recycler.empty((kh, kw, step * hp * wp, c), x.dtype) for _ in slots]
+        for dyfw in dyfws:
+            dyfw[:, oh:] = 0  # the rows and columns beyond the output stay zero
+            dyfw[:, :oh, ow:] = 0
+
+    def chunk(k: int, n0: int, n1: int, slot: int) -> None:
+        b = n1 - n0
+        d = grad(n0, n1, dbufs, slot)  # (B, OH, OW, F)
+        col = cols[slot][:b]
+        np.copyto(col, windows[n0:n1])
+        np.matmul(d.reshape(-1, f).T, col.reshape(-1, kh * kw * c), out=dws[k])
+        np.sum(d.reshape(-1, f), axis=0, out=dbs[k])
+        if not need_dx:
+            return
+        dyfw = dyfws[slot]
+        dyfw[:b, :oh, :ow, :] = d
+        rows = b * hp * wp
         valid = rows - (kh - 1) * wp - (kw - 1)  # the last real dy row is valid - 1
-        dfw = dyfw[: n1 - n0].reshape(rows, f)[:valid]  # (valid, F)
-        # dW[i, j] = sum_r dy[r] (x) x[r + i*WP + j]: all offsets in one batched product.
-        np.matmul(dfw.T, _shifted(xflat[n0 * hp * wp :], kh, kw, wp, valid), out=part)
-        dwt += part  # (KH, KW, F, C)
-        if need_dx:
-            # dx[r + i*WP + j] += dy[r] @ W[i, j]: one product per offset, each added
-            # to one contiguous block of rows (faster than adding OH runs of OW*C
-            # floats, though the grid has (HP*WP) / (OH*OW) times more rows).
-            np.matmul(dfw, wt, out=z[:, :, :valid])  # (KH, KW, valid, C)
-            for i in range(kh):
-                for j in range(kw):
-                    s = n0 * hp * wp + i * wp + j
-                    dxflat[s : s + valid] += z[i, j, :valid]
-    dw = np.ascontiguousarray(dwt.transpose(2, 3, 0, 1))  # (F, C, KH, KW)
+        dfw = dyfw[:b].reshape(rows, f)[:valid]  # (valid, F)
+        # dx[r + i*WP + j] += dy[r] @ W[i, j]: one product per offset, each added
+        # to one contiguous block of rows (faster than adding OH runs of OW*C
+        # floats, though the grid has (HP*WP) / (OH*OW) times more rows).
+        z = zs[slot]
+        np.matmul(dfw, wt, out=z[:, :, :valid])  # (KH, KW, valid, C)
+        base = n0 * hp * wp
+        dxflat[base : base + rows] = 0  # this chunk's images only
+        for i in range(kh):
+            for j in range(kw):
+                s = base + i * wp + j
+                dxflat[s : s + valid] += z[i, j, :valid]
+
+    run_chunks(n, step, chunk)
+    if finite:
+        return FALLBACK
+    dw = np.ascontiguousarray(_total(dws).reshape(f, kh, kw, c).transpose(0, 3, 1, 2))
+    db = _total(dbs)
     if not need_dx:
         return None, dw, db
     top, _, left, _ = pads
@@ -234,9 +328,36 @@ def _conv2d_backward(
     return dx, dw, db
 
 
+def _total(parts: np.ndarray) -> np.ndarray:
+    """The sum of per-chunk partial results (K, ...) in chunk order; no pass for one chunk."""
+    return parts[0] if len(parts) == 1 else parts.sum(axis=0)
+
+
+def _grad_buffers(
+    mask: np.ndarray | None, n: int, step: int, shape: tuple[int, ...], dtype: Any
+) -> list[np.ndarray]:
+    """One (step, *shape) buffer per thread slot for the masked dy, or none without a mask."""
+    return [] if mask is None else [recycler.empty((step, *shape), dtype) for _ in _slots(n, step)]
+
+
+def _cols_t(xh: np.ndarray, kh: int, kw: int) -> np.ndarray:
+    """The transposed columns (KH*KW + 1, B*OH*OW) of a single-channel (B, HP, WP, 1) batch."""
+    b, hp, wp, _ = xh.shape
+    oh, ow = hp - kh + 1, wp - kw + 1
+    colt = np.empty((kh * kw + 1, b * oh * ow), xh.dtype)
+    _fill_cols_t(colt, xh, kh, kw, oh, ow)
+    return colt
+
+
 # ---------------------------------------------------------------------------
-# Max pooling: the window offsets as K*K strided views, compared element-wise
+# Max pooling: the window offsets as K*K strided views, compared element-wise,
+# in chunks of images on threads
 # ---------------------------------------------------------------------------
+
+
+def _pass_chunk(x: np.ndarray) -> int:
+    """Images per chunk of an element-wise pass over ``x`` (N, ...)."""
+    return _chunk(x.shape[0], x[:1].nbytes, PASS_BYTES)
 
 
 def _offset_views(x: np.ndarray, k: int, stride: int, oh: int, ow: int) -> list[np.ndarray]:
@@ -255,29 +376,42 @@ def _max_pool2d(x: np.ndarray, k: int, stride: int, oh: int, ow: int) -> Any:
     The mask is True at the first maximum of each window in row-major order.
     Both results keep the memory layout of ``x`` (NHWC after a fast convolution).
     """
-    views = _offset_views(x, k, stride, oh, ow)
-    y = recycler.like(views[0])  # (N, C, OH, OW) laid out like x
-    np.copyto(y, views[0])
-    for v in views[1:]:
-        np.maximum(y, v, out=y)
-    if np.isnan(np.sum(y)):  # a NaN window: the generic argmax picks its first NaN
-        return FALLBACK
+    n = x.shape[0]
+    y = recycler.like(x[:, :, :oh, :ow])  # (N, C, OH, OW) laid out like x
     # One boolean plane per offset, laid out like y, so every step below is a
     # same-layout element-wise pass.
     order = memory_order(y)
     buf = recycler.empty((k * k,) + tuple(y.shape[a] for a in order), bool)
     back = tuple(order.index(a) for a in range(4))
     planes = [buf[r].transpose(back) for r in range(k * k)]  # each (N, C, OH, OW)
-    np.equal(views[0], y, out=planes[0])
-    taken = recycler.like(planes[0])  # windows whose maximum has a position already
-    np.copyto(taken, planes[0])
-    for v, plane in zip(views[1:-1], planes[1:-1], strict=True):
-        np.equal(v, y, out=plane)
-        # For booleans a > b is "a and not b": not where an earlier offset is the max.
-        np.greater(plane, taken, out=plane)
-        taken |= plane
-    if len(planes) > 1:
-        np.logical_not(taken, out=planes[-1])  # no NaN: the last offset holds the rest
+    step = _pass_chunk(x)
+    takens = [recycler.like(y[:step], bool) for _ in _slots(n, step)]
+    nan: list[bool] = []  # True appended by a chunk with a NaN window
+
+    def chunk(c: int, n0: int, n1: int, slot: int) -> None:
+        views = _offset_views(x[n0:n1], k, stride, oh, ow)
+        yc = y[n0:n1]
+        np.copyto(yc, views[0])
+        for v in views[1:]:
+            np.maximum(yc, v, out=yc)
+        if np.isnan(np.sum(yc)):  # a NaN window: the generic argmax picks its first NaN
+            nan.append(True)
+            return
+        ps = [plane[n0:n1] for plane in planes]
+        np.equal(views[0], yc, out=ps[0])
+        taken = takens[slot][: n1 - n0]  # windows whose maximum has a position already
+        np.copyto(taken, ps[0])
+        for v, plane in zip(views[1:-1], ps[1:-1], strict=True):
+            np.equal(v, yc, out=plane)
+            # For booleans a > b is "a and not b": not where an earlier offset is the max.
+            np.greater(plane, taken, out=plane)
+            taken |= plane
+        if len(ps) > 1:
+            np.logical_not(taken, out=ps[-1])  # no NaN: the last offset holds the rest
+
+    run_chunks(n, step, chunk)
+    if nan:
+        return FALLBACK
     mask = buf.transpose(back[0] + 1, back[1] + 1, 0, back[2] + 1, back[3] + 1)
     return y, mask  # mask (N, C, K*K, OH, OW)
 
@@ -289,23 +423,33 @@ def _max_pool2d_values(x: np.ndarray, k: int, stride: int, oh: int, ow: int) -> 
     Of the two, one runs over long contiguous runs whatever the layout, which
     matters when C is small in NHWC memory (the other pass reads runs of C).
     """
+    n = x.shape[0]
+    y = recycler.like(x[:, :, :oh, :ow])  # (N, C, OH, OW) laid out like x
+    step = _pass_chunk(x)
     if stride != k:
-        views = _offset_views(x, k, stride, oh, ow)
-        y = recycler.like(views[0])
-        np.copyto(y, views[0])
-        for v in views[1:]:
-            np.maximum(y, v, out=y)
-        return y
-    rows = [x[:, :, i : i + k * (oh - 1) + 1 : k, : ow * k] for i in range(k)]  # (N, C, OH, OW*K)
-    b = recycler.like(rows[0])
-    np.copyto(b, rows[0])
-    for r in rows[1:]:
-        np.maximum(b, r, out=b)
-    cols = [b[..., j::k] for j in range(k)]  # (N, C, OH, OW)
-    y = recycler.like(cols[0])
-    np.copyto(y, cols[0])
-    for col in cols[1:]:
-        np.maximum(y, col, out=y)
+
+        def chunk(c: int, n0: int, n1: int, slot: int) -> None:
+            views = _offset_views(x[n0:n1], k, stride, oh, ow)
+            np.copyto(y[n0:n1], views[0])
+            for v in views[1:]:
+                np.maximum(y[n0:n1], v, out=y[n0:n1])
+
+    else:
+        row_max = [recycler.like(x[:step, :, :oh, : ow * k]) for _ in _slots(n, step)]
+
+        def chunk(c: int, n0: int, n1: int, slot: int) -> None:
+            xc = x[n0:n1]
+            rows = [xc[:, :, i : i + k * (oh - 1) + 1 : k, : ow * k] for i in range(k)]
+            b = row_max[slot][: n1 - n0]  # (B, C, OH, OW*K)
+            np.copyto(b, rows[0])
+            for r in rows[1:]:
+                np.maximum(b, r, out=b)
+            yc = y[n0:n1]
+            np.copyto(yc, b[..., 0::k])
+            for j in range(1, k):
+                np.maximum(yc, b[..., j::k], out=yc)
+
+    run_chunks(n, step, chunk)
     return y
 
 
@@ -317,48 +461,118 @@ def _max_pool2d_backward(
     Multiplying by the mask would spread a NaN/inf gradient over the whole
     window (NaN * 0 = NaN); such rare batches run the generic code.
     """
-    if not np.isfinite(np.sum(dy)):
-        return FALLBACK
-    oh, ow = dy.shape[2], dy.shape[3]
+    n, oh, ow = dy.shape[0], dy.shape[2], dy.shape[3]
     plane0 = mask[:, :, 0]
     order = memory_order(plane0)
     shape = tuple(x_shape[a] for a in order)
     back = tuple(order.index(a) for a in range(4))
     dx = recycler.empty(shape, dy.dtype).transpose(back)  # (N, C, H, W), laid out like mask
-    if stride == k:  # the windows tile the top-left; rows/columns beyond get zero
-        dx[:, :, oh * k :, :] = 0
-        dx[:, :, : oh * k, ow * k :] = 0
-    else:  # gaps between windows, or overlaps to accumulate into
-        dx.fill(0)
     dyl = recycler.empty(tuple(dy.shape[a] for a in order), dy.dtype).transpose(back)
-    dyl[...] = dy  # dy in the mask's layout: one transposing copy, then aligned passes
+    step = _pass_chunk(dx)
+    finite: list[bool] = []  # False appended by a chunk whose dy is not finite
     overlap = stride < k
-    for r, view in enumerate(_offset_views(dx, k, stride, oh, ow)):
-        if overlap:  # windows share pixels: accumulate
-            view += dyl * mask[:, :, r]
-        else:
-            np.multiply(dyl, mask[:, :, r], out=view)
-    return dx
+
+    def chunk(c: int, n0: int, n1: int, slot: int) -> None:
+        if not np.isfinite(np.sum(dy[n0:n1])):
+            finite.append(False)
+            return
+        dxc, dyc = dx[n0:n1], dyl[n0:n1]
+        if stride == k:  # the windows tile the top-left; rows/columns beyond get zero
+            dxc[:, :, oh * k :, :] = 0
+            dxc[:, :, : oh * k, ow * k :] = 0
+        else:  # gaps between windows, or overlaps to accumulate into
+            dxc.fill(0)
+        dyc[...] = dy[n0:n1]  # dy in the mask's layout: one transposing copy, then aligned passes
+        for r, view in enumerate(_offset_views(dxc, k, stride, oh, ow)):
+            if overlap:  # windows share pixels: accumulate
+                view += dyc * mask[n0:n1, :, r]
+            else:
+                np.multiply(dyc, mask[n0:n1, :, r], out=view)
+
+    run_chunks(n, step, chunk)
+    return FALLBACK if finite else dx
 
 
 # ---------------------------------------------------------------------------
-# ReLU
+# ReLU, in chunks of images on threads
 # ---------------------------------------------------------------------------
 
 
 def _relu(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(max(x, 0), x > 0)``; ``fmax`` maps NaN to 0 like the generic ``where``."""
     y, mask = recycler.like(x), recycler.like(x, bool)
-    np.fmax(x, x.dtype.type(0), out=y)
-    np.greater(x, 0, out=mask)
+    zero = x.dtype.type(0)
+
+    def chunk(c: int, n0: int, n1: int, slot: int) -> None:
+        np.fmax(x[n0:n1], zero, out=y[n0:n1])
+        np.greater(x[n0:n1], 0, out=mask[n0:n1])
+
+    run_chunks(x.shape[0], _pass_chunk(x), chunk)
     return y, mask
 
 
 def _relu_backward(dy: np.ndarray, mask: np.ndarray) -> Any:
-    """``dy * mask``, or FALLBACK when dy holds a NaN/inf (the generic ``where`` then decides)."""
-    if not np.isfinite(np.sum(dy)):
-        return FALLBACK
-    return np.multiply(dy, mask, out=recycler.like(dy))
+    """``dy * mask``, or FALLBACK when the product holds a NaN/inf (the generic ``where`` decides).
+
+    (A NaN/inf of ``dy`` under a False mask would give NaN here and 0 there.)
+    """
+    dx = recycler.like(dy)
+    step = _pass_chunk(dy)
+    finite: list[bool] = []
+
+    def chunk(c: int, n0: int, n1: int, slot: int) -> None:
+        with np.errstate(invalid="ignore"):  # inf * False: NaN, and the generic code runs
+            np.multiply(dy[n0:n1], mask[n0:n1], out=dx[n0:n1])
+        if not np.isfinite(np.sum(dx[n0:n1])):
+            finite.append(False)
+
+    run_chunks(dy.shape[0], step, chunk)
+    return FALLBACK if finite else dx
+
+
+# ---------------------------------------------------------------------------
+# Dense: the products split over output columns (forward) or input features
+# (backward), so each thread reads its own part of the weights
+# ---------------------------------------------------------------------------
+
+#: Fewest multiply-adds for which a dense product is split over threads; below it
+#: one thread does all (the seed net's 1352x10 layer; LeNet's 9216x128 one splits).
+DENSE_SPLIT_WORK = 1 << 22
+
+#: Weight columns (forward) or rows (backward) per chunk when split.
+DENSE_CHUNK = 64
+
+
+def _dense(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+    """``x @ w + b``, x (N, I), w (I, O) -> y (N, O), in chunks of output columns."""
+    n, o = x.shape[0], w.shape[1]
+    y = np.empty((n, o), x.dtype)
+    step = o if n * w.size < DENSE_SPLIT_WORK else _chunk(o, 1, DENSE_CHUNK)
+
+    def chunk(c: int, o0: int, o1: int, slot: int) -> None:
+        np.matmul(x, w[:, o0:o1], out=y[:, o0:o1])
+        if b is not None:
+            y[:, o0:o1] += b[o0:o1]
+
+    run_chunks(o, step, chunk)
+    return y
+
+
+def _dense_backward(
+    dy: np.ndarray, x: np.ndarray, w: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(dy @ w.T, x.T @ dy, sum_n dy)``, in chunks of input features (rows of ``w``)."""
+    i = w.shape[0]
+    dx = np.empty(x.shape, x.dtype)  # (N, I)
+    dw = np.empty(w.shape, x.dtype)  # (I, O)
+    step = i if dy.shape[0] * w.size < DENSE_SPLIT_WORK else _chunk(i, 1, 16 * DENSE_CHUNK)
+
+    def chunk(c: int, i0: int, i1: int, slot: int) -> None:
+        np.matmul(dy, w[i0:i1].T, out=dx[:, i0:i1])
+        np.matmul(x[:, i0:i1].T, dy, out=dw[i0:i1])
+
+    run_chunks(i, step, chunk)
+    return dx, dw, dy.sum(axis=0)
 
 
 # ---------------------------------------------------------------------------
@@ -371,7 +585,18 @@ def _relu_backward(dy: np.ndarray, mask: np.ndarray) -> Any:
 def conv2d(x: Any, w: Any, b: Any = None, *, stride: int = 1, padding: Padding = "valid") -> Any:
     if stride != 1 or not _takes(x, w, b):
         return FALLBACK
-    return _conv2d(x, w, b, pad_amounts(x.shape[2], x.shape[3], w.shape[2], w.shape[3], 1, padding))
+    pads = pad_amounts(x.shape[2], x.shape[3], w.shape[2], w.shape[3], 1, padding)
+    return _conv2d(x, w, b, pads)[:2]
+
+
+@register("numpy", "conv2d_relu")
+def conv2d_relu(
+    x: Any, w: Any, b: Any = None, *, stride: int = 1, padding: Padding = "valid"
+) -> Any:
+    if stride != 1 or not _takes(x, w, b):
+        return FALLBACK
+    pads = pad_amounts(x.shape[2], x.shape[3], w.shape[2], w.shape[3], 1, padding)
+    return _conv2d(x, w, b, pads, relu=True)
 
 
 @register("numpy", "conv2d_backward")
@@ -389,6 +614,26 @@ def conv2d_backward(
         return FALLBACK
     pads = pad_amounts(x.shape[2], x.shape[3], w.shape[2], w.shape[3], 1, padding)
     return _conv2d_backward(dy, saved, w, pads, need_dx)
+
+
+@register("numpy", "conv2d_relu_backward")
+def conv2d_relu_backward(
+    dy: Any,
+    saved: Conv2DSaved,
+    mask: Any,
+    w: Any,
+    *,
+    stride: int = 1,
+    padding: Padding = "valid",
+    need_dx: bool = True,
+) -> Any:
+    x = saved.x
+    if stride != 1 or not _takes(dy, x, w) or type(mask) is not np.ndarray:
+        return FALLBACK
+    if mask.dtype != bool or mask.shape != dy.shape:
+        return FALLBACK
+    pads = pad_amounts(x.shape[2], x.shape[3], w.shape[2], w.shape[3], 1, padding)
+    return _conv2d_backward(dy, saved, w, pads, need_dx, mask)
 
 
 @register("numpy", "max_pool2d")
@@ -417,14 +662,30 @@ def max_pool2d_backward(
     return _max_pool2d_backward(dy, mask, x_shape, kernel_size, stride)
 
 
+@register("numpy", "dense")
+def dense(x: Any, w: Any, b: Any = None) -> Any:
+    if not _takes(x, w, b) or x.ndim != 2 or w.ndim != 2 or (b is not None and b.ndim != 1):
+        return FALLBACK
+    return _dense(x, w, b)
+
+
+@register("numpy", "dense_backward")
+def dense_backward(dy: Any, x: Any, w: Any) -> Any:
+    if not _takes(dy, x, w) or dy.ndim != 2 or x.ndim != 2 or w.ndim != 2:
+        return FALLBACK
+    return _dense_backward(dy, x, w)
+
+
 @register("numpy", "relu")
 def relu(x: Any) -> Any:
-    return _relu(x) if _takes(x) else FALLBACK
+    return _relu(x) if _takes(x) and x.ndim >= 1 else FALLBACK
 
 
 @register("numpy", "relu_backward")
 def relu_backward(dy: Any, mask: Any) -> Any:
-    if not _takes(dy) or type(mask) is not np.ndarray:
+    if not _takes(dy) or type(mask) is not np.ndarray or dy.ndim < 1:
+        return FALLBACK
+    if mask.dtype != bool or mask.shape != dy.shape:
         return FALLBACK
     return _relu_backward(dy, mask)
 
@@ -432,4 +693,4 @@ def relu_backward(dy: Any, mask: Any) -> Any:
 # Winograd F(2x2, 3x3) for 3x3 stride-1 layers with several channels: replaces the
 # conv2d / conv2d_backward kernels above for those inputs and hands them the rest.
 from . import numpy_winograd  # noqa: E402, F401, I001
-from . import numpy_threads  # noqa: E402, F401  (dense layers on threads of their own)
+from . import numpy_updates  # noqa: E402, F401  (optimizer updates in chunks on threads)

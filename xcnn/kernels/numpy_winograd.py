@@ -37,7 +37,7 @@ one thread, minimum CPU time of 12 interleaved runs): forward 8.0 ms and
 backward 13.4 ms, against 8.8 and 19.8 ms for the im2col kernels of
 :mod:`xcnn.kernels.numpy` (PyTorch: 7.2 ms and 21.9 ms for both). The chunks
 of a batch are shared by :data:`THREADS` threads, with BLAS on one thread
-meanwhile (see :func:`_one_blas_thread`); ``docs/performance.md`` has the
+meanwhile (see :func:`xcnn.kernels.numpy_parallel.one_blas_thread`); ``docs/performance.md`` has the
 whole-step figures.
 
 These kernels replace the ``numpy`` set's ``conv2d`` and ``conv2d_backward``
@@ -49,12 +49,8 @@ kernels there, which in turn fall back to the generic code.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
-import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +61,7 @@ from xcnn.recycler import recycler
 
 from . import FALLBACK, register
 from . import numpy as direct
+from .numpy_parallel import _pool, one_blas_thread
 
 #: Whether the Winograd (and the threaded dense/ReLU) kernels run: opt-in,
 #: ``XCNN_WINOGRAD=1``. On a quiet 2-core machine (2026-12-01, ``benchmarks.throughput``)
@@ -236,71 +233,10 @@ def _spread(n: int, step: int, images: Callable[[int, int], Any]) -> list[Any]:
         return [images(0, n)]
     bounds = [min(n, (chunks * i // k) * step) for i in range(k + 1)]
     pool = _pool(k)
-    with _one_blas_thread():
+    with one_blas_thread():
         futures = [pool.submit(images, bounds[i], bounds[i + 1]) for i in range(1, k)]
         first = images(bounds[0], bounds[1])  # this thread takes the first range
         return [first] + [fut.result() for fut in futures]
-
-
-@contextlib.contextmanager
-def _one_blas_thread() -> Iterator[None]:
-    """BLAS on one thread while the block runs, then the count it had.
-
-    The threads of :func:`_spread` already share the cores: letting each of
-    their products start BLAS threads too would oversubscribe them, and on a
-    loaded machine every product would wait at BLAS's barrier for a helper
-    thread that is not running (measured: 2-3x slower LeNet steps). OpenBLAS's
-    setting is process-wide, so only the thread that starts the workers sets
-    it, before they start, and restores it after they end (overlapping blocks
-    from several user threads: the first saves, the last restores).
-    """
-    set_threads = _blas_set_threads()
-    if set_threads is None:
-        yield
-        return
-    with _BLAS_LOCK:  # the first of overlapping blocks (other user threads) saves the count
-        if _BLAS_SAVED[1] == 0:
-            _BLAS_SAVED[0] = set_threads(1)
-        _BLAS_SAVED[1] += 1
-    try:
-        yield
-    finally:
-        with _BLAS_LOCK:  # and the last one restores it
-            _BLAS_SAVED[1] -= 1
-            if _BLAS_SAVED[1] == 0:
-                set_threads(_BLAS_SAVED[0])
-
-
-_BLAS_LOCK = threading.Lock()
-_BLAS_SAVED = [0, 0]  # [thread count before the outermost block, blocks running]
-
-
-@functools.cache
-def _blas_set_threads() -> Callable[[int], int] | None:
-    """``set(n) -> previous n`` for the OpenBLAS bundled with NumPy's wheel, or None.
-
-    (``openblas_set_num_threads_local``, OpenBLAS >= 0.3.27, returns the
-    previous count; despite its name it sets the count for the process.) Any
-    other BLAS, or an older OpenBLAS, keeps its own thread count.
-    """
-    import ctypes
-    import glob
-
-    for path in sorted(glob.glob(os.path.join(os.path.dirname(np.__file__) + ".libs", "*"))):
-        if "openblas" not in os.path.basename(path):
-            continue
-        try:
-            func = ctypes.CDLL(path).openblas_set_num_threads_local
-        except (OSError, AttributeError):
-            continue
-        func.argtypes, func.restype = [ctypes.c_int], ctypes.c_int
-        return func
-    return None
-
-
-@functools.cache
-def _pool(k: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(k - 1, thread_name_prefix="xcnn-winograd")
 
 
 def _forward(

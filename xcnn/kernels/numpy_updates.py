@@ -1,0 +1,107 @@
+"""NumPy optimizer updates: the expressions of :mod:`xcnn.updates`, in chunks on threads.
+
+The generic ``p - lr * g`` makes two arrays the size of the parameter (the
+product, then the difference), each in fresh memory, in two passes on one
+core. Here each chunk of the flattened parameter is computed with the same
+operations in the same order (so the result is identical bit for bit, which
+``tests/test_fast_paths.py`` checks), into recycled memory
+(:mod:`xcnn.recycler`), on the threads of :mod:`.numpy_parallel`. LeNet's
+9216x128 dense weight, SGD, batch 32: 0.5 ms a step instead of 1.0 ms
+(2-core AMD EPYC, 2026-12-01).
+
+Parameters below :data:`MIN_SIZE` elements, or not C-contiguous, run the
+generic code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from xcnn.recycler import recycler
+
+from . import FALLBACK, register
+from .numpy_parallel import run_chunks
+
+#: Fewest elements for which a parameter's update runs here (smaller ones: the
+#: generic expression, whose few microseconds no thread start-up would beat).
+MIN_SIZE = 1 << 16
+
+#: Elements per chunk: two float32 arrays of it stay in the L2 cache.
+CHUNK = 1 << 16
+
+
+def _takes(*arrays: Any) -> bool:
+    first = arrays[0]
+    return (
+        type(first) is np.ndarray
+        and first.dtype in (np.float32, np.float64)
+        and first.size >= MIN_SIZE
+        and all(
+            type(a) is np.ndarray
+            and a.dtype == first.dtype
+            and a.shape == first.shape
+            and a.flags.c_contiguous
+            for a in arrays
+        )
+    )
+
+
+def _flat(a: np.ndarray) -> np.ndarray:
+    return a.reshape(-1)
+
+
+@register("numpy", "sgd_update")
+def sgd_update(p: Any, g: Any, *, lr: float, weight_decay: float = 0.0) -> Any:
+    if not _takes(p, g):
+        return FALLBACK
+    out = recycler.empty(p.shape, p.dtype)
+    pf, gf, of = _flat(p), _flat(g), _flat(out)
+
+    def chunk(k: int, a: int, b: int, slot: int) -> None:
+        o = of[a:b]
+        if weight_decay:  # p - lr * (g + weight_decay * p)
+            np.multiply(pf[a:b], weight_decay, out=o)
+            o += gf[a:b]
+            o *= lr
+        else:  # p - lr * g
+            np.multiply(gf[a:b], lr, out=o)
+        np.subtract(pf[a:b], o, out=o)
+
+    run_chunks(pf.size, CHUNK, chunk)
+    return out
+
+
+@register("numpy", "momentum_update")
+def momentum_update(
+    p: Any,
+    g: Any,
+    velocity: Any,
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float = 0.0,
+) -> Any:
+    if not _takes(p, g) or not (velocity is None or _takes(p, velocity)):
+        return FALLBACK
+    out = recycler.empty(p.shape, p.dtype)
+    v = g if velocity is None else recycler.empty(p.shape, p.dtype)
+    pf, gf, of, vf = _flat(p), _flat(g), _flat(out), _flat(v)
+    velf = None if velocity is None else _flat(velocity)
+
+    def chunk(k: int, a: int, b: int, slot: int) -> None:
+        if velf is not None:  # v = momentum * velocity + g
+            np.multiply(velf[a:b], momentum, out=vf[a:b])
+            vf[a:b] += gf[a:b]
+        o = of[a:b]
+        if weight_decay:  # p - lr * (v + weight_decay * p)
+            np.multiply(pf[a:b], weight_decay, out=o)
+            o += vf[a:b]
+            o *= lr
+        else:  # p - lr * v
+            np.multiply(vf[a:b], lr, out=o)
+        np.subtract(pf[a:b], o, out=o)
+
+    run_chunks(pf.size, CHUNK, chunk)
+    return out, v
