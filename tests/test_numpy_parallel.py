@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import xcnn
+from tests.test_fast_paths import _small_lenet
 from xcnn import functional as F
 from xcnn import kernels, updates
 from xcnn.kernels import numpy as npk
@@ -155,20 +156,6 @@ def test_conv2d_relu_backward_with_a_non_finite_gradient_takes_the_generic_code(
         close(g, e)
 
 
-def _net():
-    return [
-        xcnn.Conv2D(1, 4, 3),
-        xcnn.ReLU(),
-        xcnn.Conv2D(4, 6, 3, padding="same"),
-        xcnn.ReLU(),
-        xcnn.MaxPool2D(2),
-        xcnn.Flatten(),
-        xcnn.Dense(6 * 5 * 5, 7),
-        xcnn.ReLU(),
-        xcnn.Dense(7, 3),
-    ]
-
-
 def _layer_by_layer(model, x, d):
     """The unfused pass: each layer's own forward and backward, in order."""
     for layer in model.layers:
@@ -185,7 +172,7 @@ def test_sequential_fuses_conv_relu_with_the_results_of_the_two_layers(fast, thr
     d = rng.standard_normal((5, 3))
 
     def run(fused):
-        model = xcnn.Sequential(_net(), dtype="float64", seed=3)
+        model = xcnn.Sequential(_small_lenet(), dtype="float64", seed=3)
         if fused:
             out = model.forward(x)
             dx = model.backward(d)

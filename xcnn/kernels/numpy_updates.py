@@ -52,6 +52,17 @@ def _flat(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1)
 
 
+def _descend(p: np.ndarray, d: np.ndarray, out: np.ndarray, lr: float, wd: float) -> None:
+    """``out = p - lr * (d + wd * p)`` (``p - lr * d`` for ``wd = 0``) in the generic order."""
+    if wd:
+        np.multiply(p, wd, out=out)
+        out += d
+        out *= lr
+    else:
+        np.multiply(d, lr, out=out)
+    np.subtract(p, out, out=out)
+
+
 @register("numpy", "sgd_update")
 def sgd_update(p: Any, g: Any, *, lr: float, weight_decay: float = 0.0) -> Any:
     if not _takes(p, g):
@@ -60,14 +71,7 @@ def sgd_update(p: Any, g: Any, *, lr: float, weight_decay: float = 0.0) -> Any:
     pf, gf, of = _flat(p), _flat(g), _flat(out)
 
     def chunk(k: int, a: int, b: int, slot: int) -> None:
-        o = of[a:b]
-        if weight_decay:  # p - lr * (g + weight_decay * p)
-            np.multiply(pf[a:b], weight_decay, out=o)
-            o += gf[a:b]
-            o *= lr
-        else:  # p - lr * g
-            np.multiply(gf[a:b], lr, out=o)
-        np.subtract(pf[a:b], o, out=o)
+        _descend(pf[a:b], gf[a:b], of[a:b], lr, weight_decay)
 
     run_chunks(pf.size, CHUNK, chunk)
     return out
@@ -94,14 +98,7 @@ def momentum_update(
         if velf is not None:  # v = momentum * velocity + g
             np.multiply(velf[a:b], momentum, out=vf[a:b])
             vf[a:b] += gf[a:b]
-        o = of[a:b]
-        if weight_decay:  # p - lr * (v + weight_decay * p)
-            np.multiply(pf[a:b], weight_decay, out=o)
-            o += vf[a:b]
-            o *= lr
-        else:  # p - lr * v
-            np.multiply(vf[a:b], lr, out=o)
-        np.subtract(pf[a:b], o, out=o)
+        _descend(pf[a:b], vf[a:b], of[a:b], lr, weight_decay)
 
     run_chunks(pf.size, CHUNK, chunk)
     return out, v
