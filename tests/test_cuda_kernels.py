@@ -137,6 +137,7 @@ def test_registers_exactly_the_seam_ops(host) -> None:
     expected = {
         "conv2d",
         "conv2d_backward",
+        "conv2d_relu",
         "dense",
         "dense_backward",
         "max_pool2d",

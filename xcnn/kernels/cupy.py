@@ -34,8 +34,11 @@ with their index conventions, are in :mod:`xcnn.kernels.cuda_sources`):
 - **Capture**: while :func:`capturing` is on (``xcnn.cuda_graph``), products
   call cuBLAS directly, because CuPy refuses cuBLAS calls during stream capture.
 
-Not delegated by the seam yet, but ready here: :func:`conv2d_relu` and
-:func:`dense_relu` (bias + ReLU fused into the pass that writes ``y``).
+- **Conv2D -> ReLU** (:func:`conv2d_relu`): bias and ReLU fused into the
+  pass that writes ``y``.
+
+Not delegated by the seam yet, but ready here: :func:`dense_relu` (bias +
+ReLU fused into the pass after cuBLAS).
 """
 
 from __future__ import annotations
@@ -250,13 +253,15 @@ def conv2d(x: Any, w: Any, b: Any | None = None, *, stride: int = 1, padding: An
     return out[0], F.Conv2DSaved(x=x, col=None, workspace=_LIB)
 
 
+@register(_LIB, "conv2d_relu")
 def conv2d_relu(
     x: Any, w: Any, b: Any | None = None, *, stride: int = 1, padding: Any = "valid"
 ) -> Any:
     """``relu(conv2d(x, w, b))`` in one output pass: ``(y, saved, mask)``, or FALLBACK.
 
-    For a seam op the lead may add (a Conv2D followed by ReLU); the backward is
-    ``conv2d_backward(relu_backward(dy, mask), saved, w, ...)``.
+    :class:`xcnn.Sequential` calls it for a Conv2D followed by a ReLU; the
+    backward is the generic ``conv2d_relu_backward``, i.e. these kernels'
+    ``relu_backward`` and ``conv2d_backward``.
     """
     out = _conv_forward(x, w, b, stride, padding, relu=True)
     if out is FALLBACK:
