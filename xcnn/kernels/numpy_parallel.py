@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["THREADS", "run_chunks", "chunk_count", "one_blas_thread"]
+__all__ = ["THREADS", "run_chunks", "chunk_count", "slots", "one_blas_thread"]
 
 #: Threads that share a batch's chunks (``XCNN_THREADS``; default: the usable CPUs,
 #: as many as PyTorch's default intra-op threads on such a machine). 1: no threads.
@@ -43,6 +43,11 @@ THREADS = int(os.environ.get("XCNN_THREADS", "0")) or len(os.sched_getaffinity(0
 def chunk_count(n: int, step: int) -> int:
     """How many chunks of ``step`` images a batch of ``n`` makes."""
     return -(-n // step)
+
+
+def slots(n: int, step: int) -> range:
+    """The thread slots :func:`run_chunks` uses for chunks of ``step`` images of ``n``."""
+    return range(max(1, min(THREADS, chunk_count(n, step))))
 
 
 def run_chunks(n: int, step: int, work: Callable[[int, int, int, int], object]) -> None:
