@@ -40,6 +40,7 @@ def close(a, b, rtol=1e-12):
 def threads3(monkeypatch):
     """Three threads and chunks of one or two images: every chunk loop, ragged ends, slots."""
     monkeypatch.setattr(par, "THREADS", 3)
+    monkeypatch.setattr(par, "BLAS_THREADED_WORK", 0)  # tiny products take the kernels too
     monkeypatch.setattr(npk, "CHUNK_BYTES", 1)
     monkeypatch.setattr(npk, "PASS_BYTES", 1)
     monkeypatch.setattr(npk, "DENSE_SPLIT_WORK", 1)

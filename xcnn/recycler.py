@@ -9,6 +9,7 @@ the C allocator's state.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import threading
@@ -21,7 +22,18 @@ __all__ = ["Recycler", "recycler", "release_memory", "memory_order"]
 
 def memory_order(a: np.ndarray) -> tuple[int, ...]:
     """Axes of ``a`` from the largest stride to the smallest: its layout in memory."""
-    return tuple(sorted(range(a.ndim), key=lambda ax: -abs(a.strides[ax])))
+    return _orders(a.strides)[0]
+
+
+@functools.lru_cache(maxsize=256)
+def _orders(strides: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(memory order, its inverse permutation) for an array's strides.
+
+    Cached: the kernels ask for the same few layouts on every call, and the
+    sort costs more than some of their element-wise passes on small batches.
+    """
+    order = tuple(sorted(range(len(strides)), key=lambda ax: -abs(strides[ax])))
+    return order, tuple(order.index(ax) for ax in range(len(strides)))
 
 
 def _refs(buffers: list[np.ndarray], i: int) -> int:
@@ -48,15 +60,15 @@ class Recycler(threading.local):
     reference count shows that this list is its only holder, so no array a
     caller still holds (or any view of it) ever changes. Buffers are kept per
     thread and by size (a request looks only at buffers of its size); beyond
-    ``max_buffers`` the oldest buffer of the size used longest ago is
-    forgotten (and freed when its last user lets go).
+    ``max_buffers`` the least recently used buffer of the size first asked
+    for is forgotten (and freed when its last user lets go).
     """
 
     max_buffers = 64
 
     def __init__(self) -> None:
         # Buffers by size in bytes, each list most recently used last; the sizes in
-        # the order last used (a dict keeps insertion order), for forgetting the oldest.
+        # the order first asked for (a dict keeps insertion order).
         self.sizes: dict[int, list[np.ndarray]] = {}  # nbytes -> 1-D uint8 arrays
         self.count = 0
 
@@ -69,24 +81,29 @@ class Recycler(threading.local):
         """An uninitialised C-contiguous array, in recycled memory when possible."""
         dtype = np.dtype(dtype)
         nbytes = dtype.itemsize * math.prod(shape)
-        bufs = self.sizes.pop(nbytes, None)  # re-inserted below: now the latest size used
+        bufs = self.sizes.get(nbytes)
         if bufs is None:
-            bufs = []
+            bufs = self.sizes[nbytes] = []
         for i in range(len(bufs)):  # (no loop variable: it would hold a reference)
             if _refs(bufs, i) == _UNHELD:
-                bufs.append(bufs.pop(i))
+                if i != len(bufs) - 1:
+                    bufs.append(bufs.pop(i))
                 break
         else:
             bufs.append(np.empty(nbytes, np.uint8))
             self.count += 1
-        self.sizes[nbytes] = bufs
-        if self.count > self.max_buffers:  # forget the oldest buffer of the size used longest ago
-            oldest = next(iter(self.sizes))
-            del self.sizes[oldest][0]
-            self.count -= 1
-            if not self.sizes[oldest]:
-                del self.sizes[oldest]
+            if self.count > self.max_buffers:
+                self._forget_oldest()
         return bufs[-1].view(dtype).reshape(shape)
+
+    def _forget_oldest(self) -> None:
+        """Drop the least recently used buffer of the size first asked for."""
+        first = next(iter(self.sizes))
+        bufs = self.sizes[first]
+        del bufs[0]
+        self.count -= 1
+        if not bufs:
+            del self.sizes[first]
 
     def clear(self) -> None:
         """Forget every buffer (each is freed once nothing else refers to it)."""
@@ -102,9 +119,9 @@ class Recycler(threading.local):
         dtype = a.dtype if dtype is None else dtype
         if a.flags.c_contiguous:
             return self.empty(a.shape, dtype)
-        order = memory_order(a)
-        mem = self.empty(tuple(a.shape[ax] for ax in order), dtype)
-        return mem.transpose(tuple(order.index(ax) for ax in range(a.ndim)))
+        order, back = _orders(a.strides)
+        shape = a.shape
+        return self.empty(tuple(shape[ax] for ax in order), dtype).transpose(back)
 
 
 #: The recycler of this process (its buffers are per thread).

@@ -174,7 +174,7 @@ def _conv2d(
             np.matmul(part[: len(wb)].T, wb, out=y[n0 * m : n1 * m])
             activate(n0, n1)
 
-        run_chunks(n, _chunk(n, m * f * x.itemsize, PASS_BYTES), chunk)
+        run_chunks(n, _chunk(n, m * f * x.itemsize, PASS_BYTES), chunk, n * m * wb.size)
     else:
         windows = _windows(xh, kh, kw, oh, ow)  # (N, OH, OW, KH, KW*C)
         step = _chunk(n, m * kh * kw * c * x.itemsize)
@@ -189,7 +189,7 @@ def _conv2d(
                 rows += b  # while the rows are in cache
             activate(n0, n1)
 
-        run_chunks(n, step, chunk)
+        run_chunks(n, step, chunk, y.size * kh * kw * c)
     saved = Conv2DSaved(x=x, col=None, workspace=colt)
     if mask is not None:
         mask = mask.reshape(n, oh, ow, f).transpose(0, 3, 1, 2)  # (N, F, OH, OW)
@@ -269,7 +269,7 @@ def _conv2d_backward(
             else:
                 np.matmul(d.T, cols.T, out=parts[k].T)
 
-        run_chunks(n, step, chunk)
+        run_chunks(n, step, chunk, n * m * f * (kh * kw + 1))
         if finite:
             return FALLBACK
         dwb = _total(parts).T  # (F, KH*KW + 1)
@@ -321,7 +321,7 @@ def _conv2d_backward(
                 s = base + i * wp + j
                 dxflat[s : s + valid] += z[i, j, :valid]
 
-    run_chunks(n, step, chunk)
+    run_chunks(n, step, chunk, (2 if need_dx else 1) * n * hp * wp * f * kh * kw * c)
     if finite:
         return FALLBACK
     dw = np.ascontiguousarray(_total(dws).reshape(f, kh, kw, c).transpose(0, 3, 1, 2))
@@ -559,7 +559,7 @@ def _dense(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
         if b is not None:
             y[:, o0:o1] += b[o0:o1]
 
-    run_chunks(o, step, chunk)
+    run_chunks(o, step, chunk, n * w.size)
     return y
 
 
@@ -576,7 +576,7 @@ def _dense_backward(
         np.matmul(dy, w[i0:i1].T, out=dx[:, i0:i1])
         np.matmul(x[:, i0:i1].T, dy, out=dw[i0:i1])
 
-    run_chunks(i, step, chunk)
+    run_chunks(i, step, chunk, 2 * dy.shape[0] * w.size)
     return dx, dw, dy.sum(axis=0)
 
 
@@ -671,6 +671,8 @@ def max_pool2d_backward(
 def dense(x: Any, w: Any, b: Any = None) -> Any:
     if not _takes(x, w, b) or x.ndim != 2 or w.ndim != 2 or (b is not None and b.ndim != 1):
         return FALLBACK
+    if x.shape[0] * w.size < par.BLAS_THREADED_WORK:
+        return FALLBACK  # one small product that wakes no BLAS thread: ``x @ w + b`` as it is
     return _dense(x, w, b)
 
 

@@ -40,6 +40,11 @@ __all__ = ["THREADS", "run_chunks", "chunk_count", "slots", "one_blas_thread"]
 THREADS = int(os.environ.get("XCNN_THREADS", "0")) or len(os.sched_getaffinity(0))
 
 
+#: Multiply-adds from which OpenBLAS splits a product over its threads
+#: (``GEMM_MULTITHREAD_THRESHOLD`` 4 x 65536); below it a product wakes none.
+BLAS_THREADED_WORK = 1 << 18
+
+
 def chunk_count(n: int, step: int) -> int:
     """How many chunks of ``step`` images a batch of ``n`` makes."""
     return -(-n // step)
@@ -50,15 +55,19 @@ def slots(n: int, step: int) -> range:
     return range(max(1, min(THREADS, chunk_count(n, step))))
 
 
-def run_chunks(n: int, step: int, work: Callable[[int, int, int, int], object]) -> None:
+def run_chunks(
+    n: int, step: int, work: Callable[[int, int, int, int], object], products: int = 0
+) -> None:
     """Call ``work(k, start, stop, slot)`` for every chunk ``k`` = images [start, stop).
 
     Chunk ``k`` covers images ``k*step`` to ``min(n, (k+1)*step)``. ``slot``
     (``0 <= slot < min(THREADS, chunks)``) names the thread running it, for
-    per-thread workspaces. Every product runs on one BLAS thread, those of
-    a single chunk (run here) included; with ``THREADS == 1`` everything runs
-    here with BLAS's own threads. An exception in any chunk is raised here
-    after every thread has stopped.
+    per-thread workspaces. Every product runs on one BLAS thread; a single
+    chunk runs here, on one BLAS thread too if its ``products`` (the
+    multiply-adds of its matrix products) are enough for BLAS to use its
+    own threads (:data:`BLAS_THREADED_WORK`). With ``THREADS == 1``
+    everything runs here with BLAS's own threads. An exception in any chunk
+    is raised here after every thread has stopped.
     """
     chunks = chunk_count(n, step)
     threads = max(1, min(THREADS, chunks))
@@ -67,11 +76,14 @@ def run_chunks(n: int, step: int, work: Callable[[int, int, int, int], object]) 
             work(k, k * step, min(n, (k + 1) * step), 0)
         return
     if threads == 1:
-        # Small work: no thread to wake, but still one BLAS thread. BLAS's helper
-        # threads, once woken, spin for a while after each product and would take
-        # a core from the next kernel's threads.
-        with _ONE_BLAS_THREAD:
+        # Small work: no thread to wake, and one BLAS thread if BLAS would start its
+        # own: once woken, its helper threads spin for a while after each product and
+        # would take a core from the next kernel's threads.
+        if products < BLAS_THREADED_WORK:
             work(0, 0, n, 0)
+        else:
+            with _ONE_BLAS_THREAD:
+                work(0, 0, n, 0)
         return
     order = itertools.count()  # next() on a count is atomic under the GIL
     failed = threading.Event()
