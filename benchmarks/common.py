@@ -562,10 +562,12 @@ def _fast_paths_state() -> str:
     if not kernels.enabled("numpy"):
         return "off (XCNN_FAST=0)"
     try:
-        from xcnn.kernels import numpy_winograd
+        from xcnn.kernels import numpy_parallel, numpy_winograd
     except ImportError:
         return "on"
-    return "on, Winograd " + ("on (XCNN_WINOGRAD=1)" if numpy_winograd.ENABLED else "off")
+    threads = f"{numpy_parallel.THREADS} chunk threads"
+    winograd = "on (XCNN_WINOGRAD=1)" if numpy_winograd.ENABLED else "off"
+    return f"on, {threads}, Winograd {winograd}"
 
 
 def _cpu_model() -> str:

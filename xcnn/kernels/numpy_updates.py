@@ -6,7 +6,7 @@ core. Here each chunk of the flattened parameter is computed with the same
 operations in the same order (so the result is identical bit for bit, which
 ``tests/test_fast_paths.py`` checks), into recycled memory
 (:mod:`xcnn.recycler`), on the threads of :mod:`.numpy_parallel`. LeNet's
-9216x128 dense weight, SGD, batch 32: 0.5 ms a step instead of 1.0 ms
+9216x128 dense weight, SGD, batch 32: 0.7 ms a step instead of 1.0 ms
 (2-core AMD EPYC, 2026-12-01).
 
 Parameters below :data:`MIN_SIZE` elements, or not C-contiguous, run the

@@ -61,6 +61,7 @@ from xcnn.recycler import recycler
 
 from . import FALLBACK, register
 from . import numpy as direct
+from . import numpy_parallel as par
 from .numpy_parallel import _pool, one_blas_thread
 
 #: Whether the Winograd (and the threaded dense/ReLU) kernels run: opt-in,
@@ -74,9 +75,9 @@ ENABLED = os.environ.get("XCNN_WINOGRAD", "0") == "1"
 #: Fewest input channels worth the transforms: below this the direct kernel is as fast.
 MIN_CHANNELS = 4
 
-#: Threads that share a batch's chunks (``XCNN_WINOGRAD_THREADS``; default: the usable CPUs,
-#: as many as PyTorch's default intra-op threads on such a machine).
-THREADS = int(os.environ.get("XCNN_WINOGRAD_THREADS", "0")) or len(os.sched_getaffinity(0))
+#: Threads that share a batch's chunks (``XCNN_WINOGRAD_THREADS``; default: those of the
+#: other NumPy kernels, :data:`xcnn.kernels.numpy_parallel.THREADS`).
+THREADS = int(os.environ.get("XCNN_WINOGRAD_THREADS", "0")) or par.THREADS
 
 #: Bytes of tile workspace per chunk of images (V and M of a chunk stay in cache).
 CHUNK_BYTES = 2 << 20
