@@ -110,9 +110,20 @@ def run_chunks(
             raise error
 
 
-@functools.cache
 def _pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(threads - 1, thread_name_prefix="xcnn-chunks")
+    """The helper threads (``threads - 1`` of them) of this process.
+
+    Keyed by process too: a child made by ``fork`` inherits the parent's pool
+    object but none of its threads, and work handed to it would wait forever.
+    """
+    key = (os.getpid(), threads)
+    pool = _POOLS.get(key)
+    if pool is None:
+        pool = _POOLS[key] = ThreadPoolExecutor(threads - 1, thread_name_prefix="xcnn-chunks")
+    return pool
+
+
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
 
 
 class one_blas_thread:  # noqa: N801  (used as a context manager, like a function)
