@@ -208,6 +208,19 @@ def test_sequential_fuses_conv_relu_with_the_results_of_the_two_layers(fast, thr
         close(a, b)
 
 
+def test_a_conv2d_subclass_with_its_own_forward_is_not_fused():
+    calls = []
+
+    class Logged(xcnn.Conv2D):
+        def forward(self, x, *, train=True):
+            calls.append(1)
+            return super().forward(x, train=train)
+
+    model = xcnn.Sequential([Logged(1, 2, 3), xcnn.ReLU()], dtype="float64", seed=0)
+    model.forward(np.ones((1, 1, 5, 5)))
+    assert calls == [1] and "mask" in model.layers[1].cache
+
+
 # ----------------------------------------------------------------------------- bit for bit
 def _lenet_step(x, labels):
     model = xcnn.models.build_model("lenet", input_shape=(1, 14, 14), dtype="float32", seed=0)

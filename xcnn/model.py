@@ -201,9 +201,10 @@ class Sequential:
             while i < len(layers):
                 layer = layers[i]
                 after = layers[i + 1] if i + 1 < len(layers) else None
-                if isinstance(layer, Conv2D) and type(after) is ReLU:
+                if type(layer) is Conv2D and type(after) is ReLU:
                     # One op, so a kernel set can apply the ReLU while the convolution's
                     # output is in cache (the results are those of the two layers).
+                    # Exact types: a subclass may have a forward of its own.
                     x = layer.forward_relu(x, after, train=train)
                     i += 2
                 else:
