@@ -300,14 +300,12 @@ class Conv2D(Layer):
         return y
 
     def backward(self, dy: Array, *, need_dx: bool = True) -> Array | None:
-        saved, mask = self._cached("saved"), self.cache.get("relu_mask")
-        args = (
-            (dy, saved, self.params["weight"])
-            if mask is None
-            else (dy, saved, mask, self.params["weight"])
-        )
-        op = F.conv2d_backward if mask is None else F.conv2d_relu_backward
-        dx, dw, db = op(*args, stride=self.stride, padding=self.padding, need_dx=need_dx)
+        saved, w, mask = self._cached("saved"), self.params["weight"], self.cache.get("relu_mask")
+        how = {"stride": self.stride, "padding": self.padding, "need_dx": need_dx}
+        if mask is None:
+            dx, dw, db = F.conv2d_backward(dy, saved, w, **how)
+        else:  # forward_relu: the ReLU's mask is applied here
+            dx, dw, db = F.conv2d_relu_backward(dy, saved, mask, w, **how)
         self.grads = {"weight": dw, "bias": db} if self.bias else {"weight": dw}
         return dx
 

@@ -68,8 +68,8 @@ from .numpy_parallel import chunk_count, run_chunks
 CHUNK_BYTES = 2 << 20
 
 #: Bytes of input (output, for a single-channel convolution) per chunk of an
-#: element-wise pass: enough work for a thread's start-up (about 20 us), small
-#: enough that a batch splits for two threads.
+#: element-wise pass: a batch small enough for one chunk stays on one thread (waking
+#: a sleeping one takes 50-180 us on the 2-core VM), a larger one splits for two.
 PASS_BYTES = 1 << 20
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -87,6 +87,16 @@ def _takes(*arrays: Any) -> bool:
     return True
 
 
+def _pads(x: np.ndarray, w: np.ndarray, padding: Padding) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) zeros of a stride-1 convolution of x (N, C, H, W) by w."""
+    return pad_amounts(x.shape[2], x.shape[3], w.shape[2], w.shape[3], 1, padding)
+
+
+def _takes_mask(mask: Any, dy: np.ndarray) -> bool:
+    """Whether ``mask`` is a boolean NumPy array shaped like ``dy`` (a ReLU's mask)."""
+    return type(mask) is np.ndarray and mask.dtype == bool and mask.shape == dy.shape
+
+
 def _out(size: int, k: int, stride: int) -> int:
     return (size - k) // stride + 1
 
@@ -95,11 +105,6 @@ def _chunk(n: int, row_bytes: int, chunk_bytes: int = CHUNK_BYTES) -> int:
     """Images per chunk: about ``chunk_bytes`` of workspace, the batch in equal chunks."""
     step = max(1, min(n, chunk_bytes // max(row_bytes, 1)))
     return -(-n // chunk_count(n, step))  # 32 images in chunks of 11, 11, 10, not 12, 12, 8
-
-
-def _slots(n: int, step: int) -> range:
-    """The thread slots :func:`run_chunks` will use for chunks of ``step`` images."""
-    return par.slots(n, step)
 
 
 def _nhwc(x: np.ndarray, pads: tuple[int, int, int, int]) -> np.ndarray:
@@ -178,7 +183,7 @@ def _conv2d(
     else:
         windows = _windows(xh, kh, kw, oh, ow)  # (N, OH, OW, KH, KW*C)
         step = _chunk(n, m * kh * kw * c * x.itemsize)
-        cols = [recycler.empty((step, oh, ow, kh, kw * c), x.dtype) for _ in _slots(n, step)]
+        cols = [recycler.empty((step, oh, ow, kh, kw * c), x.dtype) for _ in par.slots(n, step)]
 
         def chunk(k: int, n0: int, n1: int, slot: int) -> None:
             col = cols[slot][: n1 - n0]
@@ -279,7 +284,7 @@ def _conv2d_backward(
     # dx on the full-width grid: dy placed at the top-left of each (HP, WP) image,
     # zeros elsewhere, so that dy row r and input row r + i*WP + j meet at offset (i, j).
     step = _chunk(n, kh * kw * hp * wp * c * x.itemsize)  # the size of z below
-    slots = _slots(n, step)
+    slots = par.slots(n, step)
     windows = _windows(xh, kh, kw, oh, ow)  # (N, OH, OW, KH, KW*C)
     cols = [recycler.empty((step, oh, ow, kh, kw * c), x.dtype) for _ in slots]
     dbufs = _grad_buffers(mask, n, step, (oh, ow, f), x.dtype)
@@ -342,7 +347,9 @@ def _grad_buffers(
     mask: np.ndarray | None, n: int, step: int, shape: tuple[int, ...], dtype: Any
 ) -> list[np.ndarray]:
     """One (step, *shape) buffer per thread slot for the masked dy, or none without a mask."""
-    return [] if mask is None else [recycler.empty((step, *shape), dtype) for _ in _slots(n, step)]
+    if mask is None:
+        return []
+    return [recycler.empty((step, *shape), dtype) for _ in par.slots(n, step)]
 
 
 def _cols_t(xh: np.ndarray, kh: int, kw: int) -> np.ndarray:
@@ -390,7 +397,7 @@ def _max_pool2d(x: np.ndarray, k: int, stride: int, oh: int, ow: int) -> Any:
     back = tuple(order.index(a) for a in range(4))
     planes = [buf[r].transpose(back) for r in range(k * k)]  # each (N, C, OH, OW)
     step = _pass_chunk(x)
-    takens = [recycler.like(y[:step], bool) for _ in _slots(n, step)]
+    takens = [recycler.like(y[:step], bool) for _ in par.slots(n, step)]
     nan: list[bool] = []  # True appended by a chunk with a NaN window
 
     def chunk(c: int, n0: int, n1: int, slot: int) -> None:
@@ -440,7 +447,7 @@ def _max_pool2d_values(x: np.ndarray, k: int, stride: int, oh: int, ow: int) -> 
                 np.maximum(y[n0:n1], v, out=y[n0:n1])
 
     else:
-        row_max = [recycler.like(x[:step, :, :oh, : ow * k]) for _ in _slots(n, step)]
+        row_max = [recycler.like(x[:step, :, :oh, : ow * k]) for _ in par.slots(n, step)]
 
         def chunk(c: int, n0: int, n1: int, slot: int) -> None:
             xc = x[n0:n1]
@@ -590,8 +597,7 @@ def _dense_backward(
 def conv2d(x: Any, w: Any, b: Any = None, *, stride: int = 1, padding: Padding = "valid") -> Any:
     if stride != 1 or not _takes(x, w, b):
         return FALLBACK
-    pads = pad_amounts(x.shape[2], x.shape[3], w.shape[2], w.shape[3], 1, padding)
-    return _conv2d(x, w, b, pads)[:2]
+    return _conv2d(x, w, b, _pads(x, w, padding))[:2]
 
 
 @register("numpy", "conv2d_relu")
@@ -600,8 +606,7 @@ def conv2d_relu(
 ) -> Any:
     if stride != 1 or not _takes(x, w, b):
         return FALLBACK
-    pads = pad_amounts(x.shape[2], x.shape[3], w.shape[2], w.shape[3], 1, padding)
-    return _conv2d(x, w, b, pads, relu=True)
+    return _conv2d(x, w, b, _pads(x, w, padding), relu=True)
 
 
 @register("numpy", "conv2d_backward")
@@ -617,8 +622,7 @@ def conv2d_backward(
     x = saved.x
     if stride != 1 or not _takes(dy, x, w):
         return FALLBACK
-    pads = pad_amounts(x.shape[2], x.shape[3], w.shape[2], w.shape[3], 1, padding)
-    return _conv2d_backward(dy, saved, w, pads, need_dx)
+    return _conv2d_backward(dy, saved, w, _pads(x, w, padding), need_dx)
 
 
 @register("numpy", "conv2d_relu_backward")
@@ -633,12 +637,9 @@ def conv2d_relu_backward(
     need_dx: bool = True,
 ) -> Any:
     x = saved.x
-    if stride != 1 or not _takes(dy, x, w) or type(mask) is not np.ndarray:
+    if stride != 1 or not _takes(dy, x, w) or not _takes_mask(mask, dy):
         return FALLBACK
-    if mask.dtype != bool or mask.shape != dy.shape:
-        return FALLBACK
-    pads = pad_amounts(x.shape[2], x.shape[3], w.shape[2], w.shape[3], 1, padding)
-    return _conv2d_backward(dy, saved, w, pads, need_dx, mask)
+    return _conv2d_backward(dy, saved, w, _pads(x, w, padding), need_dx, mask)
 
 
 @register("numpy", "max_pool2d")
@@ -690,9 +691,7 @@ def relu(x: Any) -> Any:
 
 @register("numpy", "relu_backward")
 def relu_backward(dy: Any, mask: Any) -> Any:
-    if not _takes(dy) or type(mask) is not np.ndarray or dy.ndim < 1:
-        return FALLBACK
-    if mask.dtype != bool or mask.shape != dy.shape:
+    if not _takes(dy) or dy.ndim < 1 or not _takes_mask(mask, dy):
         return FALLBACK
     return _relu_backward(dy, mask)
 

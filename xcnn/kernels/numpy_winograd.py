@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from xcnn.functional import Conv2DSaved, Padding, pad_amounts
+from xcnn.functional import Conv2DSaved, Padding
 from xcnn.recycler import recycler
 
 from . import FALLBACK, register
@@ -342,7 +342,7 @@ def conv2d(x: Any, w: Any, b: Any = None, *, stride: int = 1, padding: Padding =
     if not _takes(x, w, stride) or not direct._takes(x, w, b) or not np.isfinite(np.sum(x)):
         # (a NaN/inf input would spread over whole tiles: the direct kernel's values)
         return direct.conv2d(x, w, b, stride=stride, padding=padding)
-    return _forward(x, w, b, pad_amounts(x.shape[2], x.shape[3], 3, 3, 1, padding))
+    return _forward(x, w, b, direct._pads(x, w, padding))
 
 
 @register("numpy", "conv2d_backward")
@@ -360,4 +360,4 @@ def conv2d_backward(
         return direct.conv2d_backward(dy, saved, w, stride=stride, padding=padding, need_dx=need_dx)
     if not np.isfinite(np.sum(dy)):
         return FALLBACK  # a NaN/inf gradient: the generic code's values, exactly
-    return _backward(dy, saved, w, pad_amounts(x.shape[2], x.shape[3], 3, 3, 1, padding), need_dx)
+    return _backward(dy, saved, w, direct._pads(x, w, padding), need_dx)
