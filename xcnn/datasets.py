@@ -163,6 +163,23 @@ def read_idx(path: str | os.PathLike[str], *, ndim: int | None = None) -> np.nda
             raise DataError(f"{name}: corrupt gzip stream: {exc}") from None
 
 
+def read_into(fh: BinaryIO, nbytes: int) -> tuple[bytearray, int]:
+    """Read up to ``nbytes`` of ``fh`` into one buffer: ``(buffer, bytes read)``.
+
+    The buffer is the size a header declared (the caller has bounded it
+    already); it is filled a megabyte at a time, so a short file gives
+    ``bytes read < nbytes`` and never more memory than declared.
+    """
+    buf = bytearray(nbytes)
+    view, got = memoryview(buf), 0
+    while got < nbytes:
+        n = fh.readinto(view[got : got + _CHUNK])
+        if not n:
+            break
+        got += n
+    return buf, got
+
+
 def _read_exact(fh: BinaryIO, n: int) -> bytes:
     out = fh.read(n)
     return out if out is not None else b""
@@ -201,13 +218,7 @@ def _read_idx_stream(fh: BinaryIO, name: str, ndim: int | None, max_bytes: int) 
             f"{name}: truncated: header says {size} = {expected} bytes of data, "
             f"more than the file can hold"
         )
-    buf = bytearray(expected)
-    view, got = memoryview(buf), 0
-    while got < expected:
-        n = fh.readinto(view[got : got + _CHUNK])
-        if not n:
-            break
-        got += n
+    buf, got = read_into(fh, expected)
     if got < expected:
         raise DataError(
             f"{name}: truncated: header says {size} = {expected} bytes of data, file has {got}"

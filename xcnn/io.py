@@ -46,6 +46,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .atomic import atomic_write
+from .datasets import read_into
 from .layers import layer_from_config
 from .model import Sequential
 from .optim import OPTIMIZER_CLASSES, Optimizer
@@ -80,7 +81,6 @@ _NAME = re.compile(r"^(param|optim)\.[A-Za-z0-9_.]{1,200}$")
 _ARRAY_DTYPE = re.compile(r"^[<>|=]?f[248]$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _MAX_NPY_HEADER = 1 << 16
-_CHUNK = 1 << 20
 # Bit generators a checkpoint may name; anything else is refused rather than looked up.
 _BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
 
@@ -389,13 +389,9 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, shape: tuple[int, .
                 f"member {info.filename!r}: header says {got_dtype} {tuple(got_shape)}, "
                 f"the metadata {dtype} {shape}"
             )
-        buf = bytearray(nbytes)
-        view, pos = memoryview(buf), 0
-        while pos < nbytes:
-            n = fp.readinto(view[pos : pos + _CHUNK])
-            if not n:
-                raise ValueError(f"member {info.filename!r} is truncated")
-            pos += n
+        buf, got = read_into(fp, nbytes)
+        if got < nbytes:
+            raise ValueError(f"member {info.filename!r} is truncated")
         if fp.read(1):  # Also makes zipfile check the member's CRC.
             raise ValueError(f"member {info.filename!r} has trailing data")
     flat = np.frombuffer(buf, dtype=dtype)
