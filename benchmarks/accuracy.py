@@ -245,13 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown models {unknown}; known: {sorted(RECIPES)}")
 
-    data = datasets.mnist(args.data)
-    if args.train_size:
-        data = data._replace(
-            x_train=data.x_train[: args.train_size], y_train=data.y_train[: args.train_size]
-        )
-    env = environment(args.backend)
-    print("environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), flush=True)
+    data, env = _prepare(datasets.mnist(args.data), args)
     rows = []
     for name in names:
         start = time.perf_counter()
@@ -321,18 +315,24 @@ def run_cifar(
     }
 
 
-def cifar_main(args: argparse.Namespace) -> int:
-    """``--cifar PATH``: every model of ``--models`` (``resnet`` unless given) on CIFAR-10."""
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
-    if args.models == "seed,lenet":  # the MNIST default: CIFAR-10's is the residual net
-        names = ["resnet"]
-    data = datasets.cifar10() if args.cifar == "download" else datasets.cifar10(args.cifar)
+def _prepare(data: Any, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The first ``--train-size`` training images of ``data``, and the environment (printed)."""
     if args.train_size:
         data = data._replace(
             x_train=data.x_train[: args.train_size], y_train=data.y_train[: args.train_size]
         )
     env = environment(args.backend)
     print("environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), flush=True)
+    return data, env
+
+
+def cifar_main(args: argparse.Namespace) -> int:
+    """``--cifar PATH``: every model of ``--models`` (``resnet`` unless given) on CIFAR-10."""
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    if args.models == "seed,lenet":  # the MNIST default: CIFAR-10's is the residual net
+        names = ["resnet"]
+    cifar = datasets.cifar10() if args.cifar == "download" else datasets.cifar10(args.cifar)
+    data, env = _prepare(cifar, args)
     rows = []
     for name in names:
         row = run_cifar(name, data, epochs=args.epochs, backend=args.backend,
