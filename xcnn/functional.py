@@ -38,6 +38,10 @@ __all__ = [
     "fold",
     "conv2d",
     "conv2d_backward",
+    "conv2d_relu",
+    "conv2d_relu_backward",
+    "conv2d_max_pool2d",
+    "conv2d_max_pool2d_backward",
     "Conv2DSaved",
     "max_pool2d",
     "max_pool2d_values",
@@ -276,6 +280,68 @@ def conv2d_relu_backward(
 ) -> tuple[Array | None, Array, Array]:
     """Gradients of :func:`conv2d_relu`: :func:`conv2d_backward` of ``relu_backward(dy, mask)``."""
     dz = relu_backward(dy, mask)
+    return conv2d_backward(dz, saved, w, stride=stride, padding=padding, need_dx=need_dx)
+
+
+@delegate
+def conv2d_max_pool2d(
+    x: Array,
+    w: Array,
+    b: Array | None = None,
+    *,
+    stride: int = 1,
+    padding: Padding = "valid",
+    with_relu: bool = False,
+    kernel_size: int = 2,
+    pool_stride: int = 2,
+) -> tuple[Array, Conv2DSaved, Array]:
+    """``max_pool2d(conv2d(x, w, b))`` (of its ReLU ``with_relu``) as one op: ``(y, saved, route)``.
+
+    :class:`xcnn.Sequential` runs a :class:`~xcnn.Conv2D` [-> :class:`~xcnn.ReLU`]
+    -> :class:`~xcnn.MaxPool2D` through this op while training, so that a
+    kernel set can pool each chunk of the convolution's output while it is in
+    cache and never write the whole output out.
+
+    ``x`` (N, C, H, W) -> ``y`` (N, F, PH, PW), ``PH = (OH - K) // S + 1`` for
+    the convolution's (OH, OW); ``route`` (N, F, K*K, PH, PW) bool is the
+    max-pool's mask (the first maximum of each window), and with the ReLU also
+    False where the ReLU stops the gradient (a window whose maximum is not
+    > 0), so the backward pass is one masked pass. The generic code is exactly
+    the two or three ops in turn.
+    """
+    z, saved = conv2d(x, w, b, stride=stride, padding=padding)
+    if with_relu:
+        z, _ = relu(z)
+    y, route = max_pool2d(z, kernel_size, pool_stride)
+    if with_relu:
+        # At a window's maximum the ReLU passed the gradient iff the maximum is > 0.
+        route = route & (y > 0)[:, :, None, :, :]
+    return y, saved, route
+
+
+@delegate
+def conv2d_max_pool2d_backward(
+    dy: Array,
+    saved: Conv2DSaved,
+    route: Array,
+    w: Array,
+    *,
+    stride: int = 1,
+    padding: Padding = "valid",
+    kernel_size: int = 2,
+    pool_stride: int = 2,
+    need_dx: bool = True,
+) -> tuple[Array | None, Array, Array]:
+    """Gradients of :func:`conv2d_max_pool2d`: ``dy`` (N, F, PH, PW) -> ``(dx or None, dw, db)``.
+
+    :func:`conv2d_backward` of ``max_pool2d_backward(dy, route)``: the same
+    values as the max-pool's, the ReLU's and the convolution's backward in turn.
+    """
+    n, _, h, wd = saved.x_shape
+    f, _, kh, kw = w.shape
+    top, bottom, left, right = pad_amounts(h, wd, kh, kw, stride, padding)
+    oh, ow = _out_size(h, kh, stride, top, bottom), _out_size(wd, kw, stride, left, right)
+    dz = max_pool2d_backward(dy, route, (n, f, oh, ow), kernel_size, pool_stride)
     return conv2d_backward(dz, saved, w, stride=stride, padding=padding, need_dx=need_dx)
 
 

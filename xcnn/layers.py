@@ -299,10 +299,55 @@ class Conv2D(Layer):
         relu.cache = {"fused": True} if train else {}
         return y
 
+    def forward_pool(
+        self, x: Array, relu: ReLU | None, pool: MaxPool2D, *, train: bool = True
+    ) -> Array:
+        """``pool.forward(relu.forward(self.forward(x)))`` as one op.
+
+        The op is :func:`xcnn.functional.conv2d_max_pool2d`; ``relu`` None: no
+        ReLU between. :class:`xcnn.Sequential` calls this while training for a
+        Conv2D [-> ReLU] -> MaxPool2D. This layer's :meth:`backward` then takes
+        the gradient of the pooled output and routes it through the pool and
+        the ReLU too; their backward passes it through unchanged. An output
+        too small for the pool runs the layers one by one, so that the pool's
+        own error is raised.
+        """
+        self.check_input(x)
+        kh, kw = self.kernel_size
+        top, bottom, left, right = F.pad_amounts(
+            x.shape[2], x.shape[3], kh, kw, self.stride, self.padding
+        )
+        k = pool.kernel_size
+        if (x.shape[2] + top + bottom - kh) // self.stride + 1 < k or (
+            x.shape[3] + left + right - kw
+        ) // self.stride + 1 < k:
+            y = self.forward(x, train=train)
+            return pool.forward(y if relu is None else relu.forward(y, train=train), train=train)
+        y, saved, route = F.conv2d_max_pool2d(
+            x,
+            self.params["weight"],
+            self.params.get("bias"),
+            stride=self.stride,
+            padding=self.padding,
+            with_relu=relu is not None,
+            kernel_size=k,
+            pool_stride=pool.stride,
+        )
+        self.cache = {"saved": saved, "route": route, "pool": (k, pool.stride)} if train else {}
+        for layer in (relu, pool):
+            if layer is not None:
+                layer.cache = {"fused": True} if train else {}
+        return y
+
     def backward(self, dy: Array, *, need_dx: bool = True) -> Array | None:
         saved, w, mask = self._cached("saved"), self.params["weight"], self.cache.get("relu_mask")
         how = {"stride": self.stride, "padding": self.padding, "need_dx": need_dx}
-        if mask is None:
+        if "route" in self.cache:  # forward_pool: the pool's and the ReLU's masks apply here
+            k, s = self.cache["pool"]
+            dx, dw, db = F.conv2d_max_pool2d_backward(
+                dy, saved, self.cache["route"], w, kernel_size=k, pool_stride=s, **how
+            )
+        elif mask is None:
             dx, dw, db = F.conv2d_backward(dy, saved, w, **how)
         else:  # forward_relu: the ReLU's mask is applied here
             dx, dw, db = F.conv2d_relu_backward(dy, saved, mask, w, **how)
@@ -370,6 +415,8 @@ class MaxPool2D(_Pool2D):
         return y
 
     def backward(self, dy: Array, *, need_dx: bool = True) -> Array:
+        if self.cache.get("fused"):  # the convolution before routes dy (Conv2D.forward_pool)
+            return dy
         return F.max_pool2d_backward(
             dy, self._cached("mask"), self.cache["x_shape"], self.kernel_size, self.stride
         )
@@ -498,7 +545,7 @@ class ReLU(Layer):
         return y
 
     def backward(self, dy: Array, *, need_dx: bool = True) -> Array:
-        if self.cache.get("fused"):  # the convolution before applies the mask (forward_relu)
+        if self.cache.get("fused"):  # the convolution before applies the mask (forward_relu/_pool)
             return dy
         return F.relu_backward(dy, self._cached("mask"))
 

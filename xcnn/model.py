@@ -8,11 +8,30 @@ from typing import Any
 from . import blocks  # noqa: F401  (registers BatchNorm2D, Dropout, ... for from_config)
 from .backend import Backend, resolve_backend, to_numpy
 from .init import make_rng
-from .layers import Conv2D, Layer, ReLU, ShapeError, layer_from_config
+from .layers import Conv2D, Layer, MaxPool2D, ReLU, ShapeError, layer_from_config
 
 Array = Any
 
 __all__ = ["Sequential"]
+
+
+def _fusion(layers: Sequence[Layer], i: int, train: bool) -> int:
+    """How many layers from ``layers[i]`` run as one op: 3, 2 or 1 (none fused).
+
+    Conv2D -> ReLU -> MaxPool2D and Conv2D -> MaxPool2D (while training) and
+    Conv2D -> ReLU run through the fused ops of :mod:`xcnn.functional`, so a
+    kernel set can apply the ReLU and the pool while the convolution's output
+    is in cache; the results are those of the layers one by one. Exact types:
+    a subclass may have a forward of its own.
+    """
+    kinds = [type(layer) for layer in layers[i : i + 3]]
+    if kinds[0] is not Conv2D:
+        return 1
+    if train and kinds[1:] == [ReLU, MaxPool2D]:
+        return 3
+    if train and kinds[1:2] == [MaxPool2D]:
+        return 2
+    return 2 if kinds[1:2] == [ReLU] else 1
 
 
 class Sequential:
@@ -199,17 +218,16 @@ class Sequential:
         with self.backend.activate():
             layers, i = self.layers, 0
             while i < len(layers):
-                layer = layers[i]
-                after = layers[i + 1] if i + 1 < len(layers) else None
-                if type(layer) is Conv2D and type(after) is ReLU:
-                    # One op, so a kernel set can apply the ReLU while the convolution's
-                    # output is in cache (the results are those of the two layers).
-                    # Exact types: a subclass may have a forward of its own.
-                    x = layer.forward_relu(x, after, train=train)
-                    i += 2
+                layer, fused = layers[i], _fusion(layers, i, train)
+                if fused == 3:
+                    x = layer.forward_pool(x, layers[i + 1], layers[i + 2], train=train)
+                elif fused == 2 and type(layers[i + 1]) is MaxPool2D:
+                    x = layer.forward_pool(x, None, layers[i + 1], train=train)
+                elif fused == 2:
+                    x = layer.forward_relu(x, layers[i + 1], train=train)
                 else:
                     x = layer.forward(x, train=train)
-                    i += 1
+                i += fused
         self._out_shape = tuple(x.shape) if train else self._out_shape
         return x
 

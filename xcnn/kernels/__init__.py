@@ -44,6 +44,12 @@ From :mod:`xcnn.functional`::
         -> (y (N, F, OH, OW), Conv2DSaved, mask (N, F, OH, OW) bool)
     conv2d_relu_backward(dy, saved, mask, w, *, stride=1, padding="valid", need_dx=True)
         -> (dx (N, C, H, W) or None, dw (F, C, KH, KW), db (F,))
+    conv2d_max_pool2d(x, w, b=None, *, stride=1, padding="valid", with_relu=False,
+                      kernel_size=2, pool_stride=2)
+        -> (y (N, F, PH, PW), Conv2DSaved, route (N, F, K*K, PH, PW) bool)
+    conv2d_max_pool2d_backward(dy, saved, route, w, *, stride=1, padding="valid",
+                               kernel_size=2, pool_stride=2, need_dx=True)
+        -> (dx (N, C, H, W) or None, dw (F, C, KH, KW), db (F,))
     max_pool2d(x, kernel_size, stride) -> (y (N, C, OH, OW), mask (N, C, K*K, OH, OW) bool)
     max_pool2d_values(x, kernel_size, stride) -> y
     max_pool2d_backward(dy, mask, x_shape, kernel_size, stride) -> dx
@@ -117,6 +123,8 @@ OPS = (
     "conv2d_backward",
     "conv2d_relu",
     "conv2d_relu_backward",
+    "conv2d_max_pool2d",
+    "conv2d_max_pool2d_backward",
     "max_pool2d",
     "max_pool2d_values",
     "max_pool2d_backward",

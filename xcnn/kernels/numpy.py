@@ -52,7 +52,8 @@ turns them off. What was measured (2-core AMD EPYC, OpenBLAS; ``benchmarks/READM
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -94,7 +95,12 @@ def _pads(x: np.ndarray, w: np.ndarray, padding: Padding) -> tuple[int, int, int
 
 def _takes_mask(mask: Any, dy: np.ndarray) -> bool:
     """Whether ``mask`` is a boolean NumPy array shaped like ``dy`` (a ReLU's mask)."""
-    return type(mask) is np.ndarray and mask.dtype == bool and mask.shape == dy.shape
+    return _takes_route(mask, dy.shape)
+
+
+def _takes_route(mask: Any, shape: tuple[int, ...]) -> bool:
+    """Whether ``mask`` is a boolean NumPy array of this shape."""
+    return type(mask) is np.ndarray and mask.dtype == bool and mask.shape == shape
 
 
 def _out(size: int, k: int, stride: int) -> int:
@@ -139,34 +145,55 @@ def _windows(xh: np.ndarray, kh: int, kw: int, oh: int, ow: int) -> np.ndarray:
     return as_strided(xh, shape, strides, writeable=False)
 
 
-def _conv2d(
-    x: np.ndarray, w: np.ndarray, b: np.ndarray | None, pads: tuple[int, ...], relu: bool = False
-) -> tuple[np.ndarray, Conv2DSaved, np.ndarray | None]:
-    """Stride-1 convolution: ``y`` (N, F, OH, OW), an NCHW view of NHWC memory, ``saved``, mask.
+class _Plan(NamedTuple):
+    """The shape of a stride-1 convolution's chunked run."""
 
-    Chunks of images run on threads (:mod:`.numpy_parallel`): each copies its
-    im2col rows and multiplies them while they are in cache; with ``relu``
-    the chunk's rows then become ``max(rows, 0)`` and the mask ``rows > 0``
-    (laid out like ``y``) in the same visit. ``saved`` keeps the input and,
-    for a single channel, its transposed columns as workspace (only 9x a
-    one-channel input); backward rebuilds everything else.
+    n: int  # images
+    oh: int  # output rows
+    ow: int  # output columns
+    f: int  # filters
+    step: int  # images per chunk
+
+
+def _plan(x: np.ndarray, w: np.ndarray, pads: tuple[int, ...]) -> _Plan:
+    """Output size and forward chunk of a stride-1 convolution of ``x`` (N, C, H, W) by ``w``.
+
+    One-channel layers (their columns are KH*KW floats a pixel) are chunked by
+    output bytes like an element-wise pass; the rest by im2col workspace.
+    """
+    n, c, h, wd = x.shape
+    f, _, kh, kw = w.shape
+    oh, ow = h + pads[0] + pads[1] - kh + 1, wd + pads[2] + pads[3] - kw + 1
+    if c == 1:
+        step = _chunk(n, oh * ow * f * x.itemsize, PASS_BYTES)
+    else:
+        step = _chunk(n, oh * ow * kh * kw * c * x.itemsize)
+    return _Plan(n, oh, ow, f, step)
+
+
+Rows = Callable[[int, int, int], np.ndarray]  # (start, stop, slot) -> (B*OH*OW, F) rows
+Then = Callable[[int, int, np.ndarray, int], None]  # (start, stop, rows, slot)
+
+
+def _conv2d_rows(
+    x: np.ndarray, w: np.ndarray, b: np.ndarray | None, pads: tuple[int, ...], rows_of: Rows,
+    then: Then,
+) -> Conv2DSaved:  # fmt: skip
+    """Run a stride-1 convolution chunk by chunk of images (:func:`_plan`), on the threads.
+
+    Each chunk of images [n0, n1) copies its im2col rows, multiplies them
+    into ``rows_of(n0, n1, slot)`` (B*OH*OW, F), rows (n, oh, ow) as in NHWC
+    memory, adds the bias and calls ``then(n0, n1, rows, slot)`` while the
+    rows are in cache. Returns the ``saved`` of the convolution: the input
+    and, for a single channel, its transposed columns as workspace (only 9x
+    a one-channel input); backward rebuilds everything else.
     """
     f, c, kh, kw = w.shape
-    colt = None
+    n, oh, ow, _, step = _plan(x, w, pads)
     xh = _nhwc(x, pads)  # (N, HP, WP, C)
-    n, hp, wp, _ = xh.shape
-    oh, ow = hp - kh + 1, wp - kw + 1
     m = oh * ow  # output rows per image
     wmat = w.transpose(2, 3, 1, 0).reshape(kh * kw * c, f)  # (KH*KW*C, F), rows (i, j, c)
-    y = recycler.empty((n * m, f), x.dtype)  # rows (n, oh, ow): NHWC
-    mask = recycler.empty((n * m, f), bool) if relu else None
-    zero = x.dtype.type(0)
-
-    def activate(n0: int, n1: int) -> None:
-        if mask is not None:  # fmax maps NaN to 0, as the generic ReLU's where does
-            np.fmax(y[n0 * m : n1 * m], zero, out=y[n0 * m : n1 * m])
-            np.greater(y[n0 * m : n1 * m], 0, out=mask[n0 * m : n1 * m])
-
+    colt = None
     if c == 1:
         # Single channel: columns transposed, each row a copy of runs of OW floats,
         # plus a row of ones that multiplies the bias (no separate pass adding it).
@@ -176,29 +203,104 @@ def _conv2d(
         def chunk(k: int, n0: int, n1: int, slot: int) -> None:
             part = colt[:, n0 * m : n1 * m]
             _fill_cols_t(part, xh[n0:n1], kh, kw, oh, ow)
-            np.matmul(part[: len(wb)].T, wb, out=y[n0 * m : n1 * m])
-            activate(n0, n1)
+            rows = rows_of(n0, n1, slot)
+            np.matmul(part[: len(wb)].T, wb, out=rows)
+            then(n0, n1, rows, slot)
 
-        run_chunks(n, _chunk(n, m * f * x.itemsize, PASS_BYTES), chunk, n * m * wb.size)
+        run_chunks(n, step, chunk, n * m * wb.size)
     else:
         windows = _windows(xh, kh, kw, oh, ow)  # (N, OH, OW, KH, KW*C)
-        step = _chunk(n, m * kh * kw * c * x.itemsize)
-        cols = [recycler.empty((step, oh, ow, kh, kw * c), x.dtype) for _ in par.slots(n, step)]
+        cols = [_ones_columns(step, oh, ow, kh, kw, c, x.dtype) for _ in par.slots(n, step)]
+        wb = wmat if b is None else np.concatenate([wmat, b[None]])  # (KH*KW*C [+ 1], F)
 
         def chunk(k: int, n0: int, n1: int, slot: int) -> None:
-            col = cols[slot][: n1 - n0]
-            np.copyto(col, windows[n0:n1])
-            rows = y[n0 * m : n1 * m]
-            np.matmul(col.reshape(-1, kh * kw * c), wmat, out=rows)
-            if b is not None:
-                rows += b  # while the rows are in cache
-            activate(n0, n1)
+            col = cols[slot][: n1 - n0]  # (B, OH, OW, KH*KW*C + 1)
+            np.copyto(_window_part(col, kh, kw, c), windows[n0:n1])
+            rows = rows_of(n0, n1, slot)
+            np.matmul(col.reshape(-1, kh * kw * c + 1)[:, : len(wb)], wb, out=rows)
+            then(n0, n1, rows, slot)
 
-        run_chunks(n, step, chunk, y.size * kh * kw * c)
-    saved = Conv2DSaved(x=x, col=None, workspace=colt)
+        run_chunks(n, step, chunk, n * m * f * kh * kw * c)
+    return Conv2DSaved(x=x, col=None, workspace=colt)
+
+
+def _ones_columns(step: int, oh: int, ow: int, kh: int, kw: int, c: int, dtype: Any) -> np.ndarray:
+    """im2col workspace (STEP, OH, OW, KH*KW*C + 1) whose last column is all ones.
+
+    The ones column multiplies the bias in the forward product and makes
+    ``db`` a column of the ``dW`` product in backward: no separate pass over
+    the rows for either (the single-channel path's ones row does the same).
+    """
+    cols = recycler.empty((step, oh, ow, kh * kw * c + 1), dtype)
+    cols[..., -1] = 1
+    return cols
+
+
+def _window_part(cols: np.ndarray, kh: int, kw: int, c: int) -> np.ndarray:
+    """The window columns of :func:`_ones_columns` as (B, OH, OW, KH, KW*C), a view."""
+    b, oh, ow, _ = cols.shape
+    s = cols.strides  # (spelt out: a reshape of the strided view might copy it)
+    return as_strided(cols, (b, oh, ow, kh, kw * c), (*s[:3], kw * c * cols.itemsize, s[3]))
+
+
+def _conv2d(
+    x: np.ndarray, w: np.ndarray, b: np.ndarray | None, pads: tuple[int, ...], relu: bool = False
+) -> tuple[np.ndarray, Conv2DSaved, np.ndarray | None]:
+    """Stride-1 convolution: ``y`` (N, F, OH, OW), an NCHW view of NHWC memory, ``saved``, mask.
+
+    With ``relu`` each chunk's rows become ``max(rows, 0)`` and the mask
+    ``rows > 0`` (laid out like ``y``) in the same visit (fmax maps NaN to
+    0, as the generic ReLU's ``where`` does).
+    """
+    n, oh, ow, f, _ = _plan(x, w, pads)
+    m = oh * ow
+    y = recycler.empty((n * m, f), x.dtype)  # rows (n, oh, ow): NHWC
+    mask = recycler.empty((n * m, f), bool) if relu else None
+
+    def then(n0: int, n1: int, rows: np.ndarray, slot: int) -> None:
+        if mask is not None:
+            np.fmax(rows, 0, out=rows)
+            np.greater(rows, 0, out=mask[n0 * m : n1 * m])
+
+    saved = _conv2d_rows(x, w, b, pads, lambda n0, n1, slot: y[n0 * m : n1 * m], then)
     if mask is not None:
         mask = mask.reshape(n, oh, ow, f).transpose(0, 3, 1, 2)  # (N, F, OH, OW)
     return y.reshape(n, oh, ow, f).transpose(0, 3, 1, 2), saved, mask  # y (N, F, OH, OW)
+
+
+def _conv2d_max_pool2d(
+    x: np.ndarray, w: np.ndarray, b: np.ndarray | None, pads: tuple[int, ...], relu: bool,
+    k: int, stride: int,
+) -> Any:  # fmt: skip
+    """``(y (N, F, PH, PW), saved, route (N, F, K*K, PH, PW))`` of the fused op, or FALLBACK.
+
+    The convolution's rows of each chunk go to a per-thread workspace, get
+    their ReLU and are pooled there (:func:`_pool_chunk`) while in cache; the
+    whole convolution output is never written out. FALLBACK for a NaN in a
+    window without the ReLU (the generic argmax picks its first NaN).
+    """
+    n, oh, ow, f, step = _plan(x, w, pads)
+    ph, pw = _out(oh, k, stride), _out(ow, k, stride)
+    y = recycler.empty((n, ph, pw, f), x.dtype).transpose(0, 3, 1, 2)  # (N, F, PH, PW), NHWC
+    route = recycler.empty((k * k, n, ph, pw, f), bool)
+    planes = [route[r].transpose(0, 3, 1, 2) for r in range(k * k)]  # each laid out like y
+    slots = par.slots(n, step)
+    zs = [recycler.empty((step * oh * ow, f), x.dtype) for _ in slots]
+    takens = [recycler.empty((step, ph, pw, f), bool).transpose(0, 3, 1, 2) for _ in slots]
+    nan: list[bool] = []
+
+    def then(n0: int, n1: int, rows: np.ndarray, slot: int) -> None:
+        if relu:
+            np.fmax(rows, 0, out=rows)
+        z = rows.reshape(n1 - n0, oh, ow, f).transpose(0, 3, 1, 2)  # (B, F, OH, OW)
+        ps = [p[n0:n1] for p in planes]
+        if _pool_chunk(z, y[n0:n1], ps, takens[slot][: n1 - n0], k, stride, relu):
+            nan.append(True)
+
+    saved = _conv2d_rows(x, w, b, pads, lambda n0, n1, slot: zs[slot][: (n1 - n0) * oh * ow], then)
+    if nan:
+        return FALLBACK
+    return y, saved, route.transpose(1, 4, 0, 2, 3)  # route (N, F, K*K, PH, PW)
 
 
 def _fill_cols_t(colt: np.ndarray, xh: np.ndarray, kh: int, kw: int, oh: int, ow: int) -> None:
@@ -217,20 +319,33 @@ def _fill_cols_t(colt: np.ndarray, xh: np.ndarray, kh: int, kw: int, oh: int, ow
     grid[-1] = 1
 
 
+Grad = Callable[[int, int, int], np.ndarray]  # (start, stop, slot) -> dy (B, OH, OW, F)
+
+
+def _backward_step(x: np.ndarray, w: np.ndarray, pads: tuple[int, ...], need_dx: bool) -> int:
+    """Images per chunk of :func:`_conv2d_backward` (the forward's for a first layer)."""
+    n, c, h, wd = x.shape
+    f, _, kh, kw = w.shape
+    if c == 1 and not need_dx:
+        return _plan(x, w, pads).step
+    hp, wp = h + pads[0] + pads[1], wd + pads[2] + pads[3]
+    return _chunk(n, kh * kw * hp * wp * c * x.itemsize)  # the size of z below
+
+
 def _conv2d_backward(
-    dy: np.ndarray,
-    saved: Conv2DSaved,
-    w: np.ndarray,
-    pads: tuple[int, ...],
-    need_dx: bool,
-    mask: np.ndarray | None = None,
-) -> Any:
+    saved: Conv2DSaved, w: np.ndarray, pads: tuple[int, ...], need_dx: bool, grad: Grad,
+    checked: bool = False,
+) -> Any:  # fmt: skip
     """Gradients of :func:`_conv2d`: (dx (N, C, H, W) or None, dw (F, C, KH, KW), db (F,)).
 
-    Each chunk of images adds its share of ``dw`` and ``db`` to a slot of its
-    own (summed in chunk order at the end) and writes its own rows of ``dx``.
-    With the ReLU ``mask`` of :func:`_conv2d`, each chunk of ``dy`` is masked
-    as it is read; FALLBACK if that gives a NaN/inf (see :func:`_relu_backward`).
+    ``grad(n0, n1, slot)`` gives the gradient of the convolution's output for
+    images [n0, n1) as NHWC rows (B, OH, OW, F), chunked by
+    :func:`_backward_step`. Each chunk adds its share of ``dw`` and ``db`` to
+    a slot of its own (summed in chunk order at the end) and writes its own
+    rows of ``dx``. ``checked``: ``grad`` applied a mask, which turns a
+    NaN/inf of ``dy`` under a False mask into NaN where the generic ``where``
+    gives 0; every such NaN reaches ``db``, and a non-finite ``db`` gives
+    FALLBACK (the generic code decides).
     """
     x = saved.x
     f, c, kh, kw = w.shape
@@ -239,20 +354,7 @@ def _conv2d_backward(
     _, hp, wp, _ = xh.shape
     oh, ow = hp - kh + 1, wp - kw + 1
     m = oh * ow
-    colt = saved.workspace
-    finite: list[bool] = []  # False appended by a chunk whose masked dy is not finite
-
-    def grad(n0: int, n1: int, bufs: list[np.ndarray], slot: int) -> np.ndarray:
-        """dy of images [n0, n1) as NHWC rows (B, OH, OW, F), masked by the ReLU's mask."""
-        d = dy[n0:n1].transpose(0, 2, 3, 1)
-        if mask is None:
-            return np.ascontiguousarray(d)
-        out = bufs[slot][: n1 - n0]
-        with np.errstate(invalid="ignore"):  # inf * False: NaN, and the generic code runs
-            np.multiply(d, mask[n0:n1].transpose(0, 2, 3, 1), out=out)
-        if not np.isfinite(np.sum(out)):
-            finite.append(False)
-        return out
+    step = _backward_step(x, w, pads, need_dx)
 
     if c == 1 and not need_dx:
         # A first layer: dW^T = columns (KH*KW + 1, B*OH*OW) @ dy (B*OH*OW, F) per chunk;
@@ -260,36 +362,34 @@ def _conv2d_backward(
         # BLAS thread this is 2x faster than dW = dy^T @ columns^T; with BLAS's own
         # threads (XCNN_THREADS=1) the latter, as the former can leave OpenBLAS's
         # two threads waiting on each other for seconds when another process holds a core.
-        step = _chunk(n, m * f * x.itemsize, PASS_BYTES)  # the forward's chunks
+        colt = saved.workspace
         if not (isinstance(colt, np.ndarray) and colt.shape == (kh * kw + 1, n * m)):
             colt = None  # the forward was not this kernel's: build the columns per chunk
         parts = np.empty((chunk_count(n, step), kh * kw + 1, f), x.dtype)
-        dbufs = _grad_buffers(mask, n, step, (oh, ow, f), x.dtype)
 
-        def chunk(k: int, n0: int, n1: int, slot: int) -> None:
+        def first(k: int, n0: int, n1: int, slot: int) -> None:
             cols = colt[:, n0 * m : n1 * m] if colt is not None else _cols_t(xh[n0:n1], kh, kw)
-            d = grad(n0, n1, dbufs, slot).reshape(-1, f)
+            d = grad(n0, n1, slot).reshape(-1, f)
             if par.THREADS > 1:
                 np.matmul(cols, d, out=parts[k])  # (KH*KW + 1, F)
             else:
                 np.matmul(d.T, cols.T, out=parts[k].T)
 
-        run_chunks(n, step, chunk, n * m * f * (kh * kw + 1))
-        if finite:
-            return FALLBACK
+        run_chunks(n, step, first, n * m * f * (kh * kw + 1))
         dwb = _total(parts).T  # (F, KH*KW + 1)
-        return None, dwb[:, :-1].reshape(f, 1, kh, kw), dwb[:, -1].copy()
+        db = dwb[:, -1].copy()
+        if checked and not np.isfinite(db).all():
+            return FALLBACK
+        return None, dwb[:, :-1].reshape(f, 1, kh, kw), db
 
     # dW from im2col rows rebuilt per chunk: one product (F, B*OH*OW) @ (B*OH*OW, KH*KW*C).
     # dx on the full-width grid: dy placed at the top-left of each (HP, WP) image,
     # zeros elsewhere, so that dy row r and input row r + i*WP + j meet at offset (i, j).
-    step = _chunk(n, kh * kw * hp * wp * c * x.itemsize)  # the size of z below
     slots = par.slots(n, step)
     windows = _windows(xh, kh, kw, oh, ow)  # (N, OH, OW, KH, KW*C)
-    cols = [recycler.empty((step, oh, ow, kh, kw * c), x.dtype) for _ in slots]
-    dbufs = _grad_buffers(mask, n, step, (oh, ow, f), x.dtype)
-    dws = np.empty((chunk_count(n, step), f, kh * kw * c), x.dtype)  # dW rows (f), cols (i, j, c)
-    dbs = np.empty((chunk_count(n, step), f), x.dtype)
+    cols = [_ones_columns(step, oh, ow, kh, kw, c, x.dtype) for _ in slots]
+    # dW | db of each chunk: rows (f), columns (i, j, c) and the bias's ones column
+    dwbs = np.empty((chunk_count(n, step), f, kh * kw * c + 1), x.dtype)
     if need_dx:
         wt = w.transpose(2, 3, 0, 1)  # (KH, KW, F, C): the filters of each offset
         dxh = recycler.empty(xh.shape, x.dtype)  # (N, HP, WP, C)
@@ -302,11 +402,10 @@ def _conv2d_backward(
 
     def chunk(k: int, n0: int, n1: int, slot: int) -> None:
         b = n1 - n0
-        d = grad(n0, n1, dbufs, slot)  # (B, OH, OW, F)
-        col = cols[slot][:b]
-        np.copyto(col, windows[n0:n1])
-        np.matmul(d.reshape(-1, f).T, col.reshape(-1, kh * kw * c), out=dws[k])
-        np.sum(d.reshape(-1, f), axis=0, out=dbs[k])
+        d = grad(n0, n1, slot)  # (B, OH, OW, F)
+        col = cols[slot][:b]  # (B, OH, OW, KH*KW*C + 1)
+        np.copyto(_window_part(col, kh, kw, c), windows[n0:n1])
+        np.matmul(d.reshape(-1, f).T, col.reshape(-1, kh * kw * c + 1), out=dwbs[k])
         if not need_dx:
             return
         dyfw = dyfws[slot]
@@ -327,10 +426,11 @@ def _conv2d_backward(
                 dxflat[s : s + valid] += z[i, j, :valid]
 
     run_chunks(n, step, chunk, (2 if need_dx else 1) * n * hp * wp * f * kh * kw * c)
-    if finite:
+    dwb = _total(dwbs)  # (F, KH*KW*C + 1)
+    db = dwb[:, -1].copy()
+    if checked and not np.isfinite(db).all():
         return FALLBACK
-    dw = np.ascontiguousarray(_total(dws).reshape(f, kh, kw, c).transpose(0, 3, 1, 2))
-    db = _total(dbs)
+    dw = np.ascontiguousarray(dwb[:, :-1].reshape(f, kh, kw, c).transpose(0, 3, 1, 2))
     if not need_dx:
         return None, dw, db
     top, _, left, _ = pads
@@ -338,18 +438,53 @@ def _conv2d_backward(
     return dx, dw, db
 
 
+def _plain_grad(dy: np.ndarray) -> Grad:
+    """``grad`` for :func:`_conv2d_backward` of an unmasked ``dy`` (N, F, OH, OW)."""
+    return lambda n0, n1, slot: np.ascontiguousarray(dy[n0:n1].transpose(0, 2, 3, 1))
+
+
+def _relu_grad(dy: np.ndarray, mask: np.ndarray, step: int) -> Grad:
+    """``grad`` for :func:`_conv2d_backward`: ``dy * mask`` per chunk, into per-thread buffers."""
+    n, f, oh, ow = dy.shape
+    bufs = [recycler.empty((step, oh, ow, f), dy.dtype) for _ in par.slots(n, step)]
+
+    def grad(n0: int, n1: int, slot: int) -> np.ndarray:
+        out = bufs[slot][: n1 - n0]
+        with np.errstate(invalid="ignore"):  # inf * False: NaN, and the generic code runs
+            np.multiply(dy[n0:n1].transpose(0, 2, 3, 1), mask[n0:n1].transpose(0, 2, 3, 1), out=out)
+        return out
+
+    return grad
+
+
+def _pool_grad(
+    dy: np.ndarray, route: np.ndarray, z_shape: tuple[int, ...], k: int, stride: int, step: int
+) -> Grad:
+    """``grad`` for :func:`_conv2d_backward`: the max-pool's backward of ``dy`` per chunk.
+
+    ``dy`` (N, F, PH, PW) is copied into the layout of ``route``'s planes,
+    then each window's gradient goes to its route position (:func:`_unpool_chunk`)
+    in a per-thread buffer (B, OH, OW, F).
+    """
+    n, f, oh, ow = z_shape
+    planes = [route[:, :, r] for r in range(k * k)]  # each (N, F, PH, PW)
+    slots = par.slots(n, step)
+    bufs = [recycler.empty((step, oh, ow, f), dy.dtype) for _ in slots]
+    dys = [recycler.like(planes[0][:step], dy.dtype) for _ in slots]
+
+    def grad(n0: int, n1: int, slot: int) -> np.ndarray:
+        out, dyc = bufs[slot][: n1 - n0], dys[slot][: n1 - n0]
+        dyc[...] = dy[n0:n1]  # one transposing copy, then passes in one layout
+        with np.errstate(invalid="ignore"):  # inf * False: NaN, and the generic code runs
+            _unpool_chunk(out.transpose(0, 3, 1, 2), dyc, [p[n0:n1] for p in planes], k, stride)
+        return out
+
+    return grad
+
+
 def _total(parts: np.ndarray) -> np.ndarray:
     """The sum of per-chunk partial results (K, ...) in chunk order; no pass for one chunk."""
     return parts[0] if len(parts) == 1 else parts.sum(axis=0)
-
-
-def _grad_buffers(
-    mask: np.ndarray | None, n: int, step: int, shape: tuple[int, ...], dtype: Any
-) -> list[np.ndarray]:
-    """One (step, *shape) buffer per thread slot for the masked dy, or none without a mask."""
-    if mask is None:
-        return []
-    return [recycler.empty((step, *shape), dtype) for _ in par.slots(n, step)]
 
 
 def _cols_t(xh: np.ndarray, kh: int, kw: int) -> np.ndarray:
@@ -401,31 +536,73 @@ def _max_pool2d(x: np.ndarray, k: int, stride: int, oh: int, ow: int) -> Any:
     nan: list[bool] = []  # True appended by a chunk with a NaN window
 
     def chunk(c: int, n0: int, n1: int, slot: int) -> None:
-        views = _offset_views(x[n0:n1], k, stride, oh, ow)
-        yc = y[n0:n1]
-        np.copyto(yc, views[0])
-        for v in views[1:]:
-            np.maximum(yc, v, out=yc)
-        if np.isnan(np.sum(yc)):  # a NaN window: the generic argmax picks its first NaN
-            nan.append(True)
-            return
         ps = [plane[n0:n1] for plane in planes]
-        np.equal(views[0], yc, out=ps[0])
-        taken = takens[slot][: n1 - n0]  # windows whose maximum has a position already
-        np.copyto(taken, ps[0])
-        for v, plane in zip(views[1:-1], ps[1:-1], strict=True):
-            np.equal(v, yc, out=plane)
-            # For booleans a > b is "a and not b": not where an earlier offset is the max.
-            np.greater(plane, taken, out=plane)
-            taken |= plane
-        if len(ps) > 1:
-            np.logical_not(taken, out=ps[-1])  # no NaN: the last offset holds the rest
+        if _pool_chunk(x[n0:n1], y[n0:n1], ps, takens[slot][: n1 - n0], k, stride):
+            nan.append(True)
 
     run_chunks(n, step, chunk)
     if nan:
         return FALLBACK
     mask = buf.transpose(back[0] + 1, back[1] + 1, 0, back[2] + 1, back[3] + 1)
     return y, mask  # mask (N, C, K*K, OH, OW)
+
+
+def _pool_chunk(
+    x: np.ndarray, y: np.ndarray, planes: list[np.ndarray], taken: np.ndarray, k: int,
+    stride: int, relu: bool = False,
+) -> bool:  # fmt: skip
+    """Max-pool ``x`` (B, C, H, W) into ``y`` (B, C, OH, OW) and its argmax ``planes``.
+
+    ``planes[r]`` (B, C, OH, OW) bool is True where window offset ``r`` holds
+    the window's first maximum (row-major). ``relu``: ``x`` is a ReLU's
+    output, and a window whose maximum is 0 gets no position at all (the ReLU
+    stops its gradient). ``taken`` (like ``y``) is workspace. Returns True,
+    with the planes unfinished, if a window holds a NaN (the generic argmax
+    picks its first NaN).
+    """
+    views = _offset_views(x, k, stride, y.shape[2], y.shape[3])
+    np.copyto(y, views[0])
+    for v in views[1:]:
+        np.maximum(y, v, out=y)
+    if not relu and np.isnan(np.sum(y)):  # (a ReLU's output holds no NaN)
+        return True
+    # For booleans a > b is "a and not b": not where an earlier offset is the max
+    # (or, with the ReLU, where the window's maximum is 0).
+    np.equal(views[0], y, out=planes[0])
+    if relu:
+        np.equal(y, 0, out=taken)
+        np.greater(planes[0], taken, out=planes[0])
+        taken |= planes[0]
+    else:
+        np.copyto(taken, planes[0])
+    for v, plane in zip(views[1:-1], planes[1:-1], strict=True):
+        np.equal(v, y, out=plane)
+        np.greater(plane, taken, out=plane)
+        taken |= plane
+    if len(planes) > 1:
+        np.logical_not(taken, out=planes[-1])  # no NaN: the last offset holds the rest
+    return False
+
+
+def _unpool_chunk(
+    dx: np.ndarray, dy: np.ndarray, planes: list[np.ndarray], k: int, stride: int
+) -> None:
+    """Max-pool backward of a chunk: ``dx`` (B, C, H, W) from ``dy`` (B, C, OH, OW) and ``planes``.
+
+    Each window's gradient goes where its plane is True; pixels no window
+    covers get zero, and overlapping windows (stride < K) add up.
+    """
+    oh, ow = dy.shape[2], dy.shape[3]
+    if stride == k:  # the windows tile the top-left; rows/columns beyond get zero
+        dx[:, :, oh * k :, :] = 0
+        dx[:, :, : oh * k, ow * k :] = 0
+    else:  # gaps between windows, or overlaps to accumulate into
+        dx.fill(0)
+    for view, plane in zip(_offset_views(dx, k, stride, oh, ow), planes, strict=True):
+        if stride < k:  # windows share pixels: accumulate
+            view += dy * plane
+        else:
+            np.multiply(dy, plane, out=view)
 
 
 def _max_pool2d_values(x: np.ndarray, k: int, stride: int, oh: int, ow: int) -> np.ndarray:
@@ -473,7 +650,7 @@ def _max_pool2d_backward(
     Multiplying by the mask would spread a NaN/inf gradient over the whole
     window (NaN * 0 = NaN); such rare batches run the generic code.
     """
-    n, oh, ow = dy.shape[0], dy.shape[2], dy.shape[3]
+    n = dy.shape[0]
     plane0 = mask[:, :, 0]
     order = memory_order(plane0)
     shape = tuple(x_shape[a] for a in order)
@@ -482,24 +659,14 @@ def _max_pool2d_backward(
     dyl = recycler.empty(tuple(dy.shape[a] for a in order), dy.dtype).transpose(back)
     step = _pass_chunk(dx)
     finite: list[bool] = []  # False appended by a chunk whose dy is not finite
-    overlap = stride < k
 
     def chunk(c: int, n0: int, n1: int, slot: int) -> None:
         if not np.isfinite(np.sum(dy[n0:n1])):
             finite.append(False)
             return
-        dxc, dyc = dx[n0:n1], dyl[n0:n1]
-        if stride == k:  # the windows tile the top-left; rows/columns beyond get zero
-            dxc[:, :, oh * k :, :] = 0
-            dxc[:, :, : oh * k, ow * k :] = 0
-        else:  # gaps between windows, or overlaps to accumulate into
-            dxc.fill(0)
+        dyc = dyl[n0:n1]
         dyc[...] = dy[n0:n1]  # dy in the mask's layout: one transposing copy, then aligned passes
-        for r, view in enumerate(_offset_views(dxc, k, stride, oh, ow)):
-            if overlap:  # windows share pixels: accumulate
-                view += dyc * mask[n0:n1, :, r]
-            else:
-                np.multiply(dyc, mask[n0:n1, :, r], out=view)
+        _unpool_chunk(dx[n0:n1], dyc, [mask[n0:n1, :, r] for r in range(k * k)], k, stride)
 
     run_chunks(n, step, chunk)
     return FALLBACK if finite else dx
@@ -622,7 +789,7 @@ def conv2d_backward(
     x = saved.x
     if stride != 1 or not _takes(dy, x, w):
         return FALLBACK
-    return _conv2d_backward(dy, saved, w, _pads(x, w, padding), need_dx)
+    return _conv2d_backward(saved, w, _pads(x, w, padding), need_dx, _plain_grad(dy))
 
 
 @register("numpy", "conv2d_relu_backward")
@@ -639,7 +806,52 @@ def conv2d_relu_backward(
     x = saved.x
     if stride != 1 or not _takes(dy, x, w) or not _takes_mask(mask, dy):
         return FALLBACK
-    return _conv2d_backward(dy, saved, w, _pads(x, w, padding), need_dx, mask)
+    pads = _pads(x, w, padding)
+    grad = _relu_grad(dy, mask, _backward_step(x, w, pads, need_dx))
+    return _conv2d_backward(saved, w, pads, need_dx, grad, checked=True)
+
+
+@register("numpy", "conv2d_max_pool2d")
+def conv2d_max_pool2d(
+    x: Any,
+    w: Any,
+    b: Any = None,
+    *,
+    stride: int = 1,
+    padding: Padding = "valid",
+    with_relu: bool = False,
+    kernel_size: int = 2,
+    pool_stride: int = 2,
+) -> Any:
+    if stride != 1 or not _takes(x, w, b):
+        return FALLBACK
+    return _conv2d_max_pool2d(x, w, b, _pads(x, w, padding), with_relu, kernel_size, pool_stride)
+
+
+@register("numpy", "conv2d_max_pool2d_backward")
+def conv2d_max_pool2d_backward(
+    dy: Any,
+    saved: Conv2DSaved,
+    route: Any,
+    w: Any,
+    *,
+    stride: int = 1,
+    padding: Padding = "valid",
+    kernel_size: int = 2,
+    pool_stride: int = 2,
+    need_dx: bool = True,
+) -> Any:
+    x, k = saved.x, kernel_size
+    if stride != 1 or not _takes(dy, x, w):
+        return FALLBACK
+    pads = _pads(x, w, padding)
+    n, oh, ow, f, _ = _plan(x, w, pads)
+    ph, pw = _out(oh, k, pool_stride), _out(ow, k, pool_stride)
+    if dy.shape != (n, f, ph, pw) or not _takes_route(route, (n, f, k * k, ph, pw)):
+        return FALLBACK
+    step = _backward_step(x, w, pads, need_dx)
+    grad = _pool_grad(dy, route, (n, f, oh, ow), k, pool_stride, step)
+    return _conv2d_backward(saved, w, pads, need_dx, grad, checked=True)
 
 
 @register("numpy", "max_pool2d")
