@@ -1,4 +1,5 @@
-"""The NumPy kernels' threads (xcnn/kernels/numpy_parallel.py), the fused Conv2D+ReLU op,
+"""The NumPy kernels' threads (xcnn/kernels/numpy_parallel.py), the fused Conv2D+ReLU and
+Conv2D [+ ReLU] + MaxPool2D ops,
 the split dense products and the optimizer-update kernels, against the generic code.
 
 Every kernel here must give the generic code's result: bit for bit where the
@@ -22,6 +23,7 @@ from xcnn import kernels, updates
 from xcnn.kernels import numpy as npk
 from xcnn.kernels import numpy_parallel as par
 from xcnn.kernels import numpy_updates as npu
+from xcnn.layers import ShapeError
 
 
 def generic(fn, *args, **kwargs):
@@ -190,6 +192,105 @@ def test_conv2d_relu_backward_with_a_non_finite_gradient_takes_the_generic_code(
         close(g, e)
 
 
+# ---------------------------------------------------------------------------- fused conv + max-pool
+# (n, c, f, h, w, padding, pool kernel, pool stride): one channel (the first-layer
+# path), several; pools that tile, leave rows over, overlap (3, 2) and leave gaps (2, 3).
+POOL_CASES = [
+    (3, 1, 4, 8, 9, "valid", 2, 2),
+    (4, 3, 5, 9, 8, "same", 2, 2),
+    (2, 4, 3, 7, 7, 1, 3, 2),
+    (3, 2, 4, 9, 10, "valid", 2, 3),
+    (2, 1, 3, 7, 6, "same", 3, 2),
+]
+
+
+def _unfused(x, wt, b, padding, relu, k, s, dy):
+    """The layers' ops one at a time, forward and backward: (y, dx, dw, db)."""
+    z, saved = F.conv2d(x, wt, b, padding=padding)
+    if relu:
+        z, mask = F.relu(z)
+    y, pool_mask = F.max_pool2d(z, k, s)
+    dz = F.max_pool2d_backward(dy, pool_mask, z.shape, k, s)
+    if relu:
+        dz = F.relu_backward(dz, mask)
+    return (y, *F.conv2d_backward(dz, saved, wt, padding=padding))
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=str)
+@pytest.mark.parametrize("relu", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv2d_max_pool2d_equals_the_generic_ops(case, relu, bias, threads3):
+    n, c, f, h, w, padding, k, s = case
+    rng = np.random.default_rng(hash(case) % 2**32)
+    x = rng.standard_normal((n, c, h, w))
+    x[0, 0, 1, :3] = 0.0  # ties and zero windows: the first maximum, no route at all
+    wt = rng.standard_normal((f, c, 3, 3))
+    wt[0] = 0.0  # a filter of zeros: every window ties (and, with the ReLU, routes nowhere)
+    b = rng.standard_normal(f) if bias else None
+    how = {"padding": padding, "with_relu": relu, "kernel_size": k, "pool_stride": s}
+    y, saved, route = F.conv2d_max_pool2d(x, wt, b, **how)
+    y_ref, saved_ref, route_ref = generic(F.conv2d_max_pool2d, x, wt, b, **how)
+    assert saved.col is None and saved_ref.col is not None  # the kernel ran, then the generic
+    np.testing.assert_array_equal(route, route_ref)
+    close(y, y_ref)
+    dy = rng.standard_normal(y.shape)
+    del how["with_relu"]
+    for need_dx in (True, False):
+        got = F.conv2d_max_pool2d_backward(dy, saved, route, wt, need_dx=need_dx, **how)
+        want = generic(
+            F.conv2d_max_pool2d_backward, dy, saved_ref, route_ref, wt, need_dx=need_dx, **how
+        )
+        for g, e in zip(got, want, strict=True):
+            if e is None:
+                assert g is None
+            else:
+                close(g, e)
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=str)
+@pytest.mark.parametrize("relu", [True, False])
+def test_generic_conv2d_max_pool2d_is_the_layers_ops_in_turn(case, relu):
+    """The op's definition (the route folds the ReLU into the pool's mask) is exact."""
+    n, c, f, h, w, padding, k, s = case
+    rng = np.random.default_rng(7)
+    x, wt, b = rng.standard_normal((n, c, h, w)), rng.standard_normal((f, c, 3, 3)), None
+    with kernels.disabled("numpy"):
+        how = {"padding": padding, "kernel_size": k, "pool_stride": s}
+        y, saved, route = F.conv2d_max_pool2d(x, wt, b, with_relu=relu, **how)
+        dy = rng.standard_normal(y.shape)
+        got = (y, *F.conv2d_max_pool2d_backward(dy, saved, route, wt, **how))
+        want = _unfused(x, wt, b, padding, relu, k, s, dy)
+    for g, e in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, e)  # the same operations: bit for bit
+
+
+def test_conv2d_max_pool2d_with_a_nan_takes_the_generic_code():
+    rng = np.random.default_rng(8)
+    x, w = rng.standard_normal((2, 3, 8, 8)), rng.standard_normal((4, 3, 3, 3))
+    x[1, 2, 3, 3] = np.nan
+    y, saved, route = F.conv2d_max_pool2d(x, w)  # no ReLU: a NaN window, the generic argmax
+    y_ref, _, route_ref = generic(F.conv2d_max_pool2d, x, w)
+    np.testing.assert_array_equal(route, route_ref)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(y_ref))
+    y, saved, route = F.conv2d_max_pool2d(x, w, with_relu=True)  # the ReLU maps NaN to 0
+    assert not np.isnan(y).any()
+    np.testing.assert_array_equal(route, generic(F.conv2d_max_pool2d, x, w, with_relu=True)[2])
+
+
+def test_conv2d_max_pool2d_backward_with_a_non_finite_gradient_takes_the_generic_code():
+    rng = np.random.default_rng(9)
+    x, w = rng.standard_normal((2, 3, 8, 8)), rng.standard_normal((4, 3, 3, 3))
+    y, saved, route = F.conv2d_max_pool2d(x, w, with_relu=True)
+    dy = rng.standard_normal(y.shape)
+    dy[~route.any(axis=2)] = np.inf  # only where nothing routes: the generic where gives zeros
+    assert np.isinf(dy).any()
+    got = F.conv2d_max_pool2d_backward(dy, saved, route, w)
+    want = F.conv2d_max_pool2d_backward(np.where(route.any(axis=2), dy, 0.0), saved, route, w)
+    for g, e in zip(got, want, strict=True):
+        assert np.isfinite(g).all()
+        close(g, e)
+
+
 def _layer_by_layer(model, x, d):
     """The unfused pass: each layer's own forward and backward, in order."""
     for layer in model.layers:
@@ -220,6 +321,51 @@ def test_sequential_fuses_conv_relu_with_the_results_of_the_two_layers(fast, thr
         fused, plain = run(True), run(False)
     for a, b in zip(fused, plain, strict=True):
         close(a, b)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("relu", [True, False])
+def test_sequential_fuses_conv_pool_with_the_results_of_the_layers(fast, relu, threads3):
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((5, 2, 11, 11))
+    d = rng.standard_normal((5, 3))
+    layers = [xcnn.Conv2D(2, 4, 3), xcnn.MaxPool2D(3, stride=2), xcnn.Flatten(), xcnn.Dense(3)]
+    if relu:
+        layers.insert(1, xcnn.ReLU())
+
+    def run(fused):
+        model = xcnn.Sequential(layers, input_shape=(2, 11, 11), dtype="float64", seed=3)
+        if fused:
+            out = model.forward(x)
+            dx = model.backward(d)
+            assert "route" in model.layers[0].cache
+            assert all(lay.cache == {"fused": True} for lay in model.layers[1 : 2 + relu])
+        else:
+            out, dx = _layer_by_layer(model, x, d)
+            assert "mask" in model.layers[1 + relu].cache
+        return [out, dx] + [g for lay in model.layers for g in lay.grads.values()]
+
+    with contextlib.nullcontext() if fast else kernels.disabled("numpy"):
+        fused, plain = run(True), run(False)
+    for a, b in zip(fused, plain, strict=True):
+        close(a, b)
+
+
+def test_inference_does_not_fuse_the_pool_and_gives_the_training_values():
+    model = xcnn.models.build_model("lenet", input_shape=(1, 14, 14), dtype="float64", seed=0)
+    x = np.random.default_rng(11).standard_normal((3, 1, 14, 14))
+    trained = model.forward(x, train=True)
+    assert "route" in model.layers[2].cache
+    inferred = model.forward(x, train=False)
+    assert model.layers[4].cache == {}  # the pool's own inference pass (no mask made)
+    close(inferred, trained)
+
+
+def test_a_pool_too_large_for_the_convolution_raises_the_pools_error():
+    conv, pool = xcnn.Conv2D(1, 2, 3), xcnn.MaxPool2D(4)
+    model = xcnn.Sequential([conv, xcnn.ReLU(), pool], dtype="float64", seed=0)
+    with pytest.raises(ShapeError, match=r"MaxPool2D\(4\).*H, W >= 4"):
+        model.forward(np.ones((1, 1, 5, 5)))
 
 
 def test_a_conv2d_subclass_with_its_own_forward_is_not_fused():
