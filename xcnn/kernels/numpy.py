@@ -26,6 +26,15 @@ turns them off. What was measured (2-core AMD EPYC, OpenBLAS; ``benchmarks/READM
 - **Fusion.** ``conv2d_relu`` applies the ReLU to each chunk of output rows
   while they are in cache, and its backward masks each chunk of ``dy`` as
   it is read (:class:`xcnn.Sequential` uses it for Conv2D -> ReLU).
+  ``conv2d_max_pool2d`` goes further (Conv2D [-> ReLU] -> MaxPool2D while
+  training): each chunk's output rows are pooled in a per-thread workspace
+  and never written out, and backward builds each chunk's ``dy`` from the
+  pooled gradient and the route mask in cache (LeNet's second convolution at
+  batch 32: forward 6.4 -> 6.0 ms, backward 12.2 -> 11.6 ms; the seed net's
+  step 1.7 -> 1.1 ms at batch 32).
+- **Ones column.** The im2col rows carry a column of ones, so the bias rides
+  in the forward product and ``db`` comes out of the ``dW`` product: no pass
+  over the rows for either.
 - **dx without col2im.** For stride 1, on the "full-width grid" (the
   output computed at every input column, with the W - OW extra columns
   zero in dy) a kernel offset (i, j) is a shift of ``i*W + j`` rows of the
@@ -825,7 +834,11 @@ def conv2d_max_pool2d(
 ) -> Any:
     if stride != 1 or not _takes(x, w, b):
         return FALLBACK
-    return _conv2d_max_pool2d(x, w, b, _pads(x, w, padding), with_relu, kernel_size, pool_stride)
+    pads = _pads(x, w, padding)
+    _, oh, ow, _, _ = _plan(x, w, pads)
+    if min(oh, ow) < kernel_size:  # no window fits: the generic code's error
+        return FALLBACK
+    return _conv2d_max_pool2d(x, w, b, pads, with_relu, kernel_size, pool_stride)
 
 
 @register("numpy", "conv2d_max_pool2d_backward")

@@ -41,6 +41,8 @@ meanwhile (see :func:`xcnn.kernels.numpy_parallel.one_blas_thread`); ``docs/perf
 whole-step figures.
 
 These kernels replace the ``numpy`` set's ``conv2d`` and ``conv2d_backward``
+(not the fused ``conv2d_relu`` and ``conv2d_max_pool2d``, which
+:class:`xcnn.Sequential` uses for a Conv2D followed by a ReLU or a max-pool)
 in the kernel seam (this module is imported at the end of
 :mod:`xcnn.kernels.numpy`) and hand every input they do not take (another
 kernel size, a stride, one input channel, ``XCNN_WINOGRAD=0``) to the direct
