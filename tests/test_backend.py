@@ -64,3 +64,26 @@ def test_initialisers():
     assert dense.params["weight"].std() == pytest.approx(1 / 1352, rel=0.1)
     glorot = xcnn.Dense(300, 100).build(seed=0, dtype="float64").params["weight"]
     assert np.abs(glorot).max() <= np.sqrt(6 / 400)
+
+
+def test_array_namespace_is_array_api_compats_remembered_per_types():
+    import array_api_compat
+    import array_api_strict
+
+    from xcnn import backend
+
+    cases = [
+        (np.ones(2, np.float32),),
+        (np.ones(2), np.arange(3), None, 1.5),
+        (array_api_strict.asarray([1.0]),),
+    ]
+    for args in cases:
+        for _ in range(2):  # the second answer comes from the cache
+            assert backend.array_namespace(*args) is array_api_compat.array_namespace(*args)
+    with pytest.raises(TypeError):  # not remembered, raised every time
+        backend.array_namespace(np.ones(2), array_api_strict.asarray([1.0]))
+    with pytest.raises(TypeError):
+        backend.array_namespace(np.ones(2), array_api_strict.asarray([1.0]))
+    void = np.zeros(2, dtype=[("float0", "V")])  # JAX's zero-gradient dtype: never cached
+    assert backend.array_namespace(void) is array_api_compat.array_namespace(void)
+    assert backend.array_namespace(np.ones(2)) is array_api_compat.numpy

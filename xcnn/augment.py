@@ -19,8 +19,9 @@ import math
 from typing import Any
 
 import numpy as np
-from array_api_compat import array_namespace
 from array_api_compat import device as device_of
+
+from .backend import array_namespace
 
 Array = Any
 

@@ -51,10 +51,9 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
-from .backend import to_numpy
+from .backend import array_namespace, to_numpy
 
 Array = Any
 

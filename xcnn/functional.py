@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import array_api_extra as xpx
-from array_api_compat import array_namespace
 from array_api_compat import device as _device
 
+from .backend import array_namespace
 from .kernels import delegate
 
 Array = Any

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from array_api_compat import array_namespace
-
 from . import functional as F
-from .backend import Backend, resolve_backend
+from .backend import Backend, array_namespace, resolve_backend
 from .init import initialise, make_rng
 
 Array = Any

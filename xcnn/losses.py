@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from array_api_compat import array_namespace
-
 from . import functional as F
-from .backend import device_context
+from .backend import array_namespace, device_context
 
 __all__ = ["softmax_cross_entropy", "check_labels"]
 

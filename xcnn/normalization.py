@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from array_api_compat import array_namespace
 from array_api_compat import device as _device
+
+from .backend import array_namespace
 
 Array = Any
 

@@ -28,11 +28,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from array_api_compat import array_namespace
 from tqdm.auto import tqdm
 
 from . import functional as F
-from .backend import to_numpy
+from .backend import array_namespace, to_numpy
 from .callbacks import Callback, EarlyStopping
 from .distributed import Communicator, abort_on_error
 from .distributed import resolve as resolve_distributed

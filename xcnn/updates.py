@@ -15,8 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from array_api_compat import array_namespace
-
+from .backend import array_namespace
 from .kernels import delegate
 
 Array = Any
