@@ -287,8 +287,9 @@ def race(
 
     Each contestant first warms up (at least 2 steps and ``warmup_s`` seconds,
     which also calibrates how many steps make a ``block_s``-second block);
-    then ``repeats`` rounds time one block of each, with the device synchronised
-    before starting the clock and before stopping it.
+    then ``repeats`` rounds time one block of each (in reverse order every
+    other round), with the device synchronised before starting the clock and
+    before stopping it.
 
     Before every block the process sleeps ``settle_s``: thread pools that were
     just busy spin for a while before they sleep (OpenBLAS ~0.1 s, OpenMP
@@ -312,8 +313,10 @@ def race(
         block = block_s if c.block_s is None else c.block_s
         steps[c.name] = max(1, math.ceil(block / max(per_step, 1e-9)))
     out = {c.name: Timing() for c in contestants}
-    for _ in range(repeats):
-        for c in contestants:
+    for r in range(repeats):
+        # Every other round in reverse order, so that no contestant always runs
+        # first (right after the previous configuration, or after the pause).
+        for c in contestants if r % 2 == 0 else contestants[::-1]:
             c.before()
             k = steps[c.name]
             time.sleep(settle_s)

@@ -836,7 +836,8 @@ def _footer(out: dict[str, Any], target: Target, cfg: Config, args: Any) -> str:
         [
             "Method:",
             f"- img/s: {cfg.repeats} rounds, each timing a ~{cfg.block_s:g} s block of steps of "
-            f"xcnn then of torch (after >= {cfg.warmup_s:g} s warm-up each and a "
+            f"xcnn and of torch in turn, torch first in every other round (after >= "
+            f"{cfg.warmup_s:g} s warm-up each and a "
             f"{cfg.settle_s:g} s pause before every block, so idle thread pools stop spinning); "
             "xcnn/torch is the median over rounds of the ratio within a round; batches are "
             "slices of a device array of 4 batches of random images; one step = forward, mean "
