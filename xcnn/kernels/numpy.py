@@ -30,8 +30,7 @@ turns them off. What was measured (2-core AMD EPYC, OpenBLAS; ``benchmarks/READM
   training): each chunk's output rows are pooled in a per-thread workspace
   and never written out, and backward builds each chunk's ``dy`` from the
   pooled gradient and the route mask in cache (LeNet's second convolution at
-  batch 32: forward 6.4 -> 6.0 ms, backward 12.2 -> 11.6 ms; the seed net's
-  step 1.7 -> 1.1 ms at batch 32).
+  batch 32: forward 6.4 -> 6.0 ms, backward 12.2 -> 11.6 ms).
 - **Ones column.** The im2col rows carry a column of ones, so the bias rides
   in the forward product and ``db`` comes out of the ``dW`` product: no pass
   over the rows for either.
