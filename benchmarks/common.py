@@ -600,6 +600,30 @@ def _blas() -> str:
         pass
     try:
         cfg = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
-        return f"{cfg.get('name')} {cfg.get('version')} ({cfg.get('openblas configuration', '')})"
+        built = f"{cfg.get('name')} {cfg.get('version')} ({cfg.get('openblas configuration', '')})"
     except KeyError as e:  # a build that does not report its BLAS
         return f"unknown ({e})"
+    core = _openblas_core()  # the build config names its DYNAMIC_ARCH base, not what runs
+    return built if core is None else f"{built}, running its {core} kernels"
+
+
+def _openblas_core() -> str | None:
+    """The kernels NumPy's bundled OpenBLAS picked for this CPU at run time, or None."""
+    import ctypes
+    import glob
+    import os
+
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(np.__file__) + ".libs", "*"))):
+        if "openblas" not in os.path.basename(path):
+            continue
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename",
+                     "openblas_get_corename"):  # fmt: skip
+            func = getattr(lib, name, None)
+            if func is not None:
+                func.restype = ctypes.c_char_p
+                return func().decode(errors="replace")
+    return None

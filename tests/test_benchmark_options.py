@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:  # benchmarks/ is not an installed package
     sys.path.insert(0, str(_ROOT))
@@ -99,3 +101,13 @@ def test_summarize_prints_every_run_and_the_spread(tmp_path):
     assert "| 1.10x | 0.90x | 1.30x | 1.10x | 0.90-1.30x | 2/3 |" in line
     assert text.count("test CPU") == 3
     assert tp.main(["--summarize", *map(str, paths)]) == 0
+
+
+def test_the_environment_names_the_blas_kernels_that_run():
+    """The build config says "Haswell" for a DYNAMIC_ARCH OpenBLAS whatever it runs."""
+    from benchmarks import common  # noqa: PLC0415  (after the path set-up above)
+
+    core = common._openblas_core()
+    if core is None:
+        pytest.skip("NumPy's BLAS is not its bundled OpenBLAS")
+    assert core.strip() and f"running its {core} kernels" in common._blas()
