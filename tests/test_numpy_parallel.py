@@ -264,7 +264,7 @@ def test_generic_conv2d_max_pool2d_is_the_layers_ops_in_turn(case, relu):
         np.testing.assert_array_equal(g, e)  # the same operations: bit for bit
 
 
-def test_conv2d_max_pool2d_with_a_nan_takes_the_generic_code():
+def test_conv2d_max_pool2d_with_a_nan_gives_the_generic_route():
     rng = np.random.default_rng(8)
     x, w = rng.standard_normal((2, 3, 8, 8)), rng.standard_normal((4, 3, 3, 3))
     x[1, 2, 3, 3] = np.nan

@@ -311,14 +311,9 @@ class Conv2D(Layer):
         own error is raised.
         """
         self.check_input(x)
-        kh, kw = self.kernel_size
-        top, bottom, left, right = F.pad_amounts(
-            x.shape[2], x.shape[3], kh, kw, self.stride, self.padding
-        )
+        _, oh, ow = self.resolve(tuple(x.shape[1:]))  # the convolution's output size
         k = pool.kernel_size
-        if (x.shape[2] + top + bottom - kh) // self.stride + 1 < k or (
-            x.shape[3] + left + right - kw
-        ) // self.stride + 1 < k:
+        if min(oh, ow) < k:
             y = self.forward(x, train=train)
             return pool.forward(y if relu is None else relu.forward(y, train=train), train=train)
         y, saved, route = F.conv2d_max_pool2d(

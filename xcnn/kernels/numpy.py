@@ -184,10 +184,10 @@ Then = Callable[[int, int, np.ndarray, int], None]  # (start, stop, rows, slot)
 
 
 def _conv2d_rows(
-    x: np.ndarray, w: np.ndarray, b: np.ndarray | None, pads: tuple[int, ...], rows_of: Rows,
-    then: Then,
+    x: np.ndarray, w: np.ndarray, b: np.ndarray | None, pads: tuple[int, ...], plan: _Plan,
+    rows_of: Rows, then: Then,
 ) -> Conv2DSaved:  # fmt: skip
-    """Run a stride-1 convolution chunk by chunk of images (:func:`_plan`), on the threads.
+    """Run a stride-1 convolution chunk by chunk of images (``plan``), on the threads.
 
     Each chunk of images [n0, n1) copies its im2col rows, multiplies them
     into ``rows_of(n0, n1, slot)`` (B*OH*OW, F), rows (n, oh, ow) as in NHWC
@@ -197,7 +197,7 @@ def _conv2d_rows(
     a one-channel input); backward rebuilds everything else.
     """
     f, c, kh, kw = w.shape
-    n, oh, ow, _, step = _plan(x, w, pads)
+    n, oh, ow, _, step = plan
     xh = _nhwc(x, pads)  # (N, HP, WP, C)
     m = oh * ow  # output rows per image
     wmat = w.transpose(2, 3, 1, 0).reshape(kh * kw * c, f)  # (KH*KW*C, F), rows (i, j, c)
@@ -260,7 +260,8 @@ def _conv2d(
     ``rows > 0`` (laid out like ``y``) in the same visit (fmax maps NaN to
     0, as the generic ReLU's ``where`` does).
     """
-    n, oh, ow, f, _ = _plan(x, w, pads)
+    plan = _plan(x, w, pads)
+    n, oh, ow, f, _ = plan
     m = oh * ow
     y = recycler.empty((n * m, f), x.dtype)  # rows (n, oh, ow): NHWC
     mask = recycler.empty((n * m, f), bool) if relu else None
@@ -270,7 +271,7 @@ def _conv2d(
             np.fmax(rows, 0, out=rows)
             np.greater(rows, 0, out=mask[n0 * m : n1 * m])
 
-    saved = _conv2d_rows(x, w, b, pads, lambda n0, n1, slot: y[n0 * m : n1 * m], then)
+    saved = _conv2d_rows(x, w, b, pads, plan, lambda n0, n1, slot: y[n0 * m : n1 * m], then)
     if mask is not None:
         mask = mask.reshape(n, oh, ow, f).transpose(0, 3, 1, 2)  # (N, F, OH, OW)
     return y.reshape(n, oh, ow, f).transpose(0, 3, 1, 2), saved, mask  # y (N, F, OH, OW)
@@ -285,9 +286,13 @@ def _conv2d_max_pool2d(
     The convolution's rows of each chunk go to a per-thread workspace, get
     their ReLU and are pooled there (:func:`_pool_chunk`) while in cache; the
     whole convolution output is never written out. FALLBACK for a NaN in a
-    window without the ReLU (the generic argmax picks its first NaN).
+    window without the ReLU (the generic argmax picks its first NaN), and
+    for an output no window fits (the generic code's error).
     """
-    n, oh, ow, f, step = _plan(x, w, pads)
+    plan = _plan(x, w, pads)
+    n, oh, ow, f, step = plan
+    if min(oh, ow) < k:
+        return FALLBACK
     ph, pw = _out(oh, k, stride), _out(ow, k, stride)
     y = recycler.empty((n, ph, pw, f), x.dtype).transpose(0, 3, 1, 2)  # (N, F, PH, PW), NHWC
     route = recycler.empty((k * k, n, ph, pw, f), bool)
@@ -305,7 +310,10 @@ def _conv2d_max_pool2d(
         if _pool_chunk(z, y[n0:n1], ps, takens[slot][: n1 - n0], k, stride, relu):
             nan.append(True)
 
-    saved = _conv2d_rows(x, w, b, pads, lambda n0, n1, slot: zs[slot][: (n1 - n0) * oh * ow], then)
+    def rows_of(n0: int, n1: int, slot: int) -> np.ndarray:  # this thread's workspace
+        return zs[slot][: (n1 - n0) * oh * ow]
+
+    saved = _conv2d_rows(x, w, b, pads, plan, rows_of, then)
     if nan:
         return FALLBACK
     return y, saved, route.transpose(1, 4, 0, 2, 3)  # route (N, F, K*K, PH, PW)
@@ -833,11 +841,7 @@ def conv2d_max_pool2d(
 ) -> Any:
     if stride != 1 or not _takes(x, w, b):
         return FALLBACK
-    pads = _pads(x, w, padding)
-    _, oh, ow, _, _ = _plan(x, w, pads)
-    if min(oh, ow) < kernel_size:  # no window fits: the generic code's error
-        return FALLBACK
-    return _conv2d_max_pool2d(x, w, b, pads, with_relu, kernel_size, pool_stride)
+    return _conv2d_max_pool2d(x, w, b, _pads(x, w, padding), with_relu, kernel_size, pool_stride)
 
 
 @register("numpy", "conv2d_max_pool2d_backward")
