@@ -264,6 +264,21 @@ def test_generic_conv2d_max_pool2d_is_the_layers_ops_in_turn(case, relu):
         np.testing.assert_array_equal(g, e)  # the same operations: bit for bit
 
 
+@pytest.mark.parametrize("relu", [True, False])
+def test_conv2d_max_pool2d_ties_route_to_each_windows_first_maximum(relu):
+    """Zero images make every output the bias: tied windows, positive and negative."""
+    rng = np.random.default_rng(10)
+    x, w = rng.standard_normal((4, 3, 8, 8)), rng.standard_normal((4, 3, 3, 3))
+    b = np.array([0.5, -0.5, 0.0, 1.0])
+    x[1:3] = 0  # two images whose outputs are all the bias
+    x[0, :, :4] = 0  # and half of another
+    got = F.conv2d_max_pool2d(x, w, b, with_relu=relu)
+    want = generic(F.conv2d_max_pool2d, x, w, b, with_relu=relu)
+    assert got[2][1:3].any() or not relu  # ties at a positive bias route somewhere
+    close(got[0], want[0])
+    np.testing.assert_array_equal(got[2], want[2])
+
+
 def test_conv2d_max_pool2d_with_a_nan_gives_the_generic_route():
     rng = np.random.default_rng(8)
     x, w = rng.standard_normal((2, 3, 8, 8)), rng.standard_normal((4, 3, 3, 3))
@@ -272,7 +287,10 @@ def test_conv2d_max_pool2d_with_a_nan_gives_the_generic_route():
     y_ref, _, route_ref = generic(F.conv2d_max_pool2d, x, w)
     np.testing.assert_array_equal(route, route_ref)
     np.testing.assert_array_equal(np.isnan(y), np.isnan(y_ref))
-    y, saved, route = F.conv2d_max_pool2d(x, w, with_relu=True)  # the ReLU maps NaN to 0
+    # With the ReLU (NaN -> 0 first) the kernel, which pools before its ReLU, hands the
+    # batch to the generic code.
+    assert npk._conv2d_max_pool2d(x, w, None, (0,) * 4, True, 2, 2) is kernels.FALLBACK
+    y, saved, route = F.conv2d_max_pool2d(x, w, with_relu=True)
     assert not np.isnan(y).any()
     np.testing.assert_array_equal(route, generic(F.conv2d_max_pool2d, x, w, with_relu=True)[2])
 

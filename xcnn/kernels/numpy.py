@@ -283,11 +283,12 @@ def _conv2d_max_pool2d(
 ) -> Any:  # fmt: skip
     """``(y (N, F, PH, PW), saved, route (N, F, K*K, PH, PW))`` of the fused op, or FALLBACK.
 
-    The convolution's rows of each chunk go to a per-thread workspace, get
-    their ReLU and are pooled there (:func:`_pool_chunk`) while in cache; the
-    whole convolution output is never written out. FALLBACK for a NaN in a
-    window without the ReLU (the generic argmax picks its first NaN), and
-    for an output no window fits (the generic code's error).
+    The convolution's rows of each chunk go to a per-thread workspace and
+    are pooled there (:func:`_pool_chunk`, which applies the ReLU to the
+    pooled values) while in cache; the whole convolution output is never
+    written out. FALLBACK for a NaN in a window (the generic argmax picks
+    its first NaN, or the ReLU maps it to 0), and for an output no window
+    fits (the generic code's error).
     """
     plan = _plan(x, w, pads)
     n, oh, ow, f, step = plan
@@ -296,18 +297,15 @@ def _conv2d_max_pool2d(
     ph, pw = _out(oh, k, stride), _out(ow, k, stride)
     y = recycler.empty((n, ph, pw, f), x.dtype).transpose(0, 3, 1, 2)  # (N, F, PH, PW), NHWC
     route = recycler.empty((k * k, n, ph, pw, f), bool)
-    planes = [route[r].transpose(0, 3, 1, 2) for r in range(k * k)]  # each laid out like y
+    planes = route.transpose(0, 1, 4, 2, 3)  # (K*K, N, F, PH, PW): each plane laid out like y
     slots = par.slots(n, step)
     zs = [recycler.empty((step * oh * ow, f), x.dtype) for _ in slots]
     takens = [recycler.empty((step, ph, pw, f), bool).transpose(0, 3, 1, 2) for _ in slots]
     nan: list[bool] = []
 
     def then(n0: int, n1: int, rows: np.ndarray, slot: int) -> None:
-        if relu:
-            np.fmax(rows, 0, out=rows)
         z = rows.reshape(n1 - n0, oh, ow, f).transpose(0, 3, 1, 2)  # (B, F, OH, OW)
-        ps = [p[n0:n1] for p in planes]
-        if _pool_chunk(z, y[n0:n1], ps, takens[slot][: n1 - n0], k, stride, relu):
+        if _pool_chunk(z, y[n0:n1], planes[:, n0:n1], takens[slot][: n1 - n0], k, stride, relu):
             nan.append(True)
 
     def rows_of(n0: int, n1: int, slot: int) -> np.ndarray:  # this thread's workspace
@@ -435,11 +433,14 @@ def _conv2d_backward(
         z = zs[slot]
         np.matmul(dfw, wt, out=z[:, :, :valid])  # (KH, KW, valid, C)
         base = n0 * hp * wp
-        dxflat[base : base + rows] = 0  # this chunk's images only
+        # Offset (0, 0) writes rows [base, base + valid); the chunk's other rows start at 0.
+        dxflat[base : base + valid] = z[0, 0, :valid]
+        dxflat[base + valid : base + rows] = 0
         for i in range(kh):
             for j in range(kw):
-                s = base + i * wp + j
-                dxflat[s : s + valid] += z[i, j, :valid]
+                if i or j:
+                    s = base + i * wp + j
+                    dxflat[s : s + valid] += z[i, j, :valid]
 
     run_chunks(n, step, chunk, (2 if need_dx else 1) * n * hp * wp * f * kh * kw * c)
     dwb = _total(dwbs)  # (F, KH*KW*C + 1)
@@ -483,7 +484,7 @@ def _pool_grad(
     in a per-thread buffer (B, OH, OW, F).
     """
     n, f, oh, ow = z_shape
-    planes = [route[:, :, r] for r in range(k * k)]  # each (N, F, PH, PW)
+    planes = route.transpose(2, 0, 1, 3, 4)  # (K*K, N, F, PH, PW)
     slots = par.slots(n, step)
     bufs = [recycler.empty((step, oh, ow, f), dy.dtype) for _ in slots]
     dys = [recycler.like(planes[0][:step], dy.dtype) for _ in slots]
@@ -492,7 +493,7 @@ def _pool_grad(
         out, dyc = bufs[slot][: n1 - n0], dys[slot][: n1 - n0]
         dyc[...] = dy[n0:n1]  # one transposing copy, then passes in one layout
         with np.errstate(invalid="ignore"):  # inf * False: NaN, and the generic code runs
-            _unpool_chunk(out.transpose(0, 3, 1, 2), dyc, [p[n0:n1] for p in planes], k, stride)
+            _unpool_chunk(out.transpose(0, 3, 1, 2), dyc, planes[:, n0:n1], k, stride)
         return out
 
     return grad
@@ -546,14 +547,13 @@ def _max_pool2d(x: np.ndarray, k: int, stride: int, oh: int, ow: int) -> Any:
     order = memory_order(y)
     buf = recycler.empty((k * k,) + tuple(y.shape[a] for a in order), bool)
     back = tuple(order.index(a) for a in range(4))
-    planes = [buf[r].transpose(back) for r in range(k * k)]  # each (N, C, OH, OW)
+    planes = buf.transpose(0, *(a + 1 for a in back))  # (K*K, N, C, OH, OW), each like y
     step = _pass_chunk(x)
     takens = [recycler.like(y[:step], bool) for _ in par.slots(n, step)]
     nan: list[bool] = []  # True appended by a chunk with a NaN window
 
     def chunk(c: int, n0: int, n1: int, slot: int) -> None:
-        ps = [plane[n0:n1] for plane in planes]
-        if _pool_chunk(x[n0:n1], y[n0:n1], ps, takens[slot][: n1 - n0], k, stride):
+        if _pool_chunk(x[n0:n1], y[n0:n1], planes[:, n0:n1], takens[slot][: n1 - n0], k, stride):
             nan.append(True)
 
     run_chunks(n, step, chunk)
@@ -563,50 +563,65 @@ def _max_pool2d(x: np.ndarray, k: int, stride: int, oh: int, ow: int) -> Any:
     return y, mask  # mask (N, C, K*K, OH, OW)
 
 
+def _window_view(x: np.ndarray, k: int, stride: int, oh: int, ow: int) -> np.ndarray:
+    """View (K, K, B, C, OH, OW) of ``x`` (B, C, H, W): ``[i, j]``, offset (i, j) of every window.
+
+    Writeable only where windows do not overlap (``stride >= k``), so that
+    no two of its elements are the same memory.
+    """
+    sb, sc, sh, sw = x.strides
+    shape = (k, k, x.shape[0], x.shape[1], oh, ow)
+    strides = (sh, sw, sb, sc, sh * stride, sw * stride)
+    return as_strided(x, shape, strides, writeable=x.flags.writeable and stride >= k)
+
+
 def _pool_chunk(
-    x: np.ndarray, y: np.ndarray, planes: list[np.ndarray], taken: np.ndarray, k: int,
-    stride: int, relu: bool = False,
+    x: np.ndarray, y: np.ndarray, planes: np.ndarray, taken: np.ndarray, k: int, stride: int,
+    relu: bool = False,
 ) -> bool:  # fmt: skip
     """Max-pool ``x`` (B, C, H, W) into ``y`` (B, C, OH, OW) and its argmax ``planes``.
 
-    ``planes[r]`` (B, C, OH, OW) bool is True where window offset ``r`` holds
-    the window's first maximum (row-major). ``relu``: ``x`` is a ReLU's
-    output, and a window whose maximum is 0 gets no position at all (the ReLU
-    stops its gradient). ``taken`` (like ``y``) is workspace. Returns True,
-    with the planes unfinished, if a window holds a NaN (the generic argmax
-    picks its first NaN).
+    ``planes`` (K*K, B, C, OH, OW) bool: ``planes[r]`` is True where window
+    offset ``r`` holds the window's first maximum (row-major). ``relu``: a
+    ReLU comes first, so ``y`` is ``max(window max, 0)`` and a window whose
+    maximum is <= 0 gets no position at all (the ReLU stops its gradient).
+    The ReLU is applied to the pooled values only, 1/K^2 of ``x``: for a
+    window with a maximum > 0 its argmax is the same either way. ``taken``
+    (like ``y``) is workspace. Returns True, with the planes unfinished, if a
+    window holds a NaN (the generic code picks its first NaN, or a ReLU first
+    maps it to 0).
+
+    The planes come from one comparison of all offsets at once; only a chunk
+    with a tied window (every window has at least one True, so more Trues
+    than windows) takes the cumulative count that keeps the first. Two
+    threads gain little from small NumPy calls on this scale (each call
+    takes the GIL twice), so fewer, larger calls beat one pass per offset.
     """
-    views = _offset_views(x, k, stride, y.shape[2], y.shape[3])
-    np.copyto(y, views[0])
-    for v in views[1:]:
-        np.maximum(y, v, out=y)
-    if not relu and np.isnan(np.sum(y)):  # (a ReLU's output holds no NaN)
+    v = _window_view(x, k, stride, y.shape[2], y.shape[3])
+    np.copyto(y, v[0, 0])
+    for i in range(k):
+        for j in range(k):
+            if i or j:
+                np.maximum(y, v[i, j], out=y)
+    if np.isnan(np.sum(y)):
         return True
-    # For booleans a > b is "a and not b": not where an earlier offset is the max
-    # (or, with the ReLU, where the window's maximum is 0).
-    np.equal(views[0], y, out=planes[0])
+    np.equal(v, y, out=planes.reshape(k, k, *planes.shape[1:]))  # (splitting an axis: a view)
+    if np.count_nonzero(planes) != y.size:
+        counts = np.cumsum(planes, axis=0, dtype=np.uint8 if k * k < 256 else np.int32)
+        planes &= counts == 1
     if relu:
-        np.equal(y, 0, out=taken)
-        np.greater(planes[0], taken, out=planes[0])
-        taken |= planes[0]
-    else:
-        np.copyto(taken, planes[0])
-    for v, plane in zip(views[1:-1], planes[1:-1], strict=True):
-        np.equal(v, y, out=plane)
-        np.greater(plane, taken, out=plane)
-        taken |= plane
-    if len(planes) > 1:
-        np.logical_not(taken, out=planes[-1])  # no NaN: the last offset holds the rest
+        np.greater(y, 0, out=taken)
+        planes &= taken
+        np.fmax(y, 0, out=y)
     return False
 
 
-def _unpool_chunk(
-    dx: np.ndarray, dy: np.ndarray, planes: list[np.ndarray], k: int, stride: int
-) -> None:
+def _unpool_chunk(dx: np.ndarray, dy: np.ndarray, planes: np.ndarray, k: int, stride: int) -> None:
     """Max-pool backward of a chunk: ``dx`` (B, C, H, W) from ``dy`` (B, C, OH, OW) and ``planes``.
 
-    Each window's gradient goes where its plane is True; pixels no window
-    covers get zero, and overlapping windows (stride < K) add up.
+    ``planes`` (K*K, B, C, OH, OW) as :func:`_pool_chunk` makes them. Each
+    window's gradient goes where its plane is True; pixels no window covers
+    get zero, and overlapping windows (stride < K) add up.
     """
     oh, ow = dy.shape[2], dy.shape[3]
     if stride == k:  # the windows tile the top-left; rows/columns beyond get zero
@@ -614,11 +629,12 @@ def _unpool_chunk(
         dx[:, :, : oh * k, ow * k :] = 0
     else:  # gaps between windows, or overlaps to accumulate into
         dx.fill(0)
+    if stride >= k:  # every pixel in at most one window: one product for all offsets
+        routes = planes.reshape(k, k, *planes.shape[1:])
+        np.multiply(dy, routes, out=_window_view(dx, k, stride, oh, ow))
+        return
     for view, plane in zip(_offset_views(dx, k, stride, oh, ow), planes, strict=True):
-        if stride < k:  # windows share pixels: accumulate
-            view += dy * plane
-        else:
-            np.multiply(dy, plane, out=view)
+        view += dy * plane  # windows share pixels: accumulate
 
 
 def _max_pool2d_values(x: np.ndarray, k: int, stride: int, oh: int, ow: int) -> np.ndarray:
@@ -682,7 +698,7 @@ def _max_pool2d_backward(
             return
         dyc = dyl[n0:n1]
         dyc[...] = dy[n0:n1]  # dy in the mask's layout: one transposing copy, then aligned passes
-        _unpool_chunk(dx[n0:n1], dyc, [mask[n0:n1, :, r] for r in range(k * k)], k, stride)
+        _unpool_chunk(dx[n0:n1], dyc, mask[n0:n1].transpose(2, 0, 1, 3, 4), k, stride)
 
     run_chunks(n, step, chunk)
     return FALLBACK if finite else dx
