@@ -282,6 +282,7 @@ def race(
     block_s: float,
     warmup_s: float,
     settle_s: float = 0.3,
+    rewarm_s: float = 0.0,
 ) -> dict[str, Timing]:
     """Time every contestant, interleaving their repeats so drift hits all alike.
 
@@ -294,7 +295,11 @@ def race(
     Before every block the process sleeps ``settle_s``: thread pools that were
     just busy spin for a while before they sleep (OpenBLAS ~0.1 s, OpenMP
     runtimes up to 0.2 s), and on a small machine those spinning threads would
-    steal cores from the next contestant.
+    steal cores from the next contestant. Then the contestant runs untimed
+    steps for ``rewarm_s``: after the pause the CPUs come back to speed over
+    tens of milliseconds (on the project's VM a LeNet step right after 0.3 s
+    idle took 48 ms against 29 ms, PyTorch's 25.6 against 24.2 ms), and a
+    training loop, which never pauses, does not see that.
     """
     steps = {}
     for c in contestants:
@@ -320,6 +325,9 @@ def race(
             c.before()
             k = steps[c.name]
             time.sleep(settle_s)
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < rewarm_s:
+                c.run()
             c.sync()
             t0 = time.perf_counter()
             for _ in range(k):

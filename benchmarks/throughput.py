@@ -58,6 +58,7 @@ class Config:
     tutorial_s: float  # block length of the tutorial's loop in each round
     check_batch: int = 16
     settle_s: float = 0.3
+    rewarm_s: float = 0.1  # untimed steps after each pause (CPU: back to speed first)
     infer_batches: tuple[int, ...] = ()  # GPU: inference at every training batch size
     memory: bool = True  # measure peak memory (--no-memory turns it off)
 
@@ -65,14 +66,19 @@ class Config:
     def make(cls, kind: str, quick: bool, dry: bool) -> Config:
         if dry:
             return cls((2, 4), 8, 2, 0.01, 0.01, 0.05, check_batch=4, settle_s=0.01,
-                       infer_batches=(2, 4) if kind == "gpu" else ())  # fmt: skip
+                       rewarm_s=0.0, infer_batches=(2, 4) if kind == "gpu" else ())  # fmt: skip
         if kind == "gpu":
             # No settle pause (no CPU thread pools to calm) and short blocks: the
             # whole GPU run, test suite included, must fit one ~6-minute device call.
             batches = (128, 1024, 8192)
             if quick:
-                return cls(batches, 1024, 3, 0.1, 0.15, 0.0, settle_s=0.0, infer_batches=batches)
-            return cls(batches, 1024, 3, 0.25, 0.3, 0.0, settle_s=0.0, infer_batches=batches)
+                return cls(
+                    batches, 1024, 3, 0.1, 0.15, 0.0, settle_s=0.0, rewarm_s=0.0,
+                    infer_batches=batches,
+                )  # fmt: skip
+            return cls(
+                batches, 1024, 3, 0.25, 0.3, 0.0, settle_s=0.0, rewarm_s=0.0, infer_batches=batches
+            )
         batches = (1, 32, 128)
         if quick:
             return cls(batches, 1000, 3, 0.25, 0.25, 1.0)
@@ -172,6 +178,7 @@ def time_training(
         block_s=cfg.block_s,
         warmup_s=cfg.warmup_s,
         settle_s=cfg.settle_s,
+        rewarm_s=cfg.rewarm_s,
     )
     if target.kind == "gpu":
         reason = getattr(gstep, "graph_reason", None)
@@ -208,6 +215,7 @@ def time_inference(
         block_s=cfg.block_s,
         warmup_s=cfg.warmup_s,
         settle_s=cfg.settle_s,
+        rewarm_s=cfg.rewarm_s,
     )
 
 
@@ -838,7 +846,8 @@ def _footer(out: dict[str, Any], target: Target, cfg: Config, args: Any) -> str:
             f"- img/s: {cfg.repeats} rounds, each timing a ~{cfg.block_s:g} s block of steps of "
             f"xcnn and of torch in turn, torch first in every other round (after >= "
             f"{cfg.warmup_s:g} s warm-up each and a "
-            f"{cfg.settle_s:g} s pause before every block, so idle thread pools stop spinning); "
+            f"{cfg.settle_s:g} s pause before every block, so idle thread pools stop spinning, "
+            f"then {cfg.rewarm_s:g} s of untimed steps, so the CPUs are back to speed); "
             "xcnn/torch is the median over rounds of the ratio within a round; batches are "
             "slices of a device array of 4 batches of random images; one step = forward, mean "
             "softmax cross-entropy, backward (no input gradient), SGD update (lr 0.01).",

@@ -111,3 +111,30 @@ def test_the_environment_names_the_blas_kernels_that_run():
     if core is None:
         pytest.skip("NumPy's BLAS is not its bundled OpenBLAS")
     assert core.strip() and f"running its {core} kernels" in common._blas()
+
+
+def test_race_times_blocks_only_after_untimed_steps_following_each_pause():
+    """A contestant slow on its first step after an idle pause: ``rewarm_s`` keeps it untimed."""
+    import time
+
+    from benchmarks import common
+
+    def contestant() -> tuple[common.Contestant, list[str]]:
+        calls: list[str] = []
+        last = [time.perf_counter()]
+
+        def run() -> None:
+            cold = time.perf_counter() - last[0] > 0.04  # the first step after a pause
+            time.sleep(0.03 if cold else 0.001)
+            calls.append("cold" if cold else "warm")
+            last[0] = time.perf_counter()
+
+        return common.Contestant("c", run, images=1), calls
+
+    how = {"repeats": 2, "block_s": 0.01, "warmup_s": 0.01, "settle_s": 0.05}
+    c, calls = contestant()
+    paused = common.race([c], **how)["c"].median  # each block begins with a cold step
+    c, calls = contestant()
+    rewarmed = common.race([c], **how, rewarm_s=0.005)["c"].median
+    assert calls.count("cold") == 3  # the warm-up and both blocks, each after its pause
+    assert rewarmed > 2 * paused  # the cold steps were not timed
