@@ -567,7 +567,10 @@ def _window_view(x: np.ndarray, k: int, stride: int, oh: int, ow: int) -> np.nda
     """View (K, K, B, C, OH, OW) of ``x`` (B, C, H, W): ``[i, j]``, offset (i, j) of every window.
 
     Writeable only where windows do not overlap (``stride >= k``), so that
-    no two of its elements are the same memory.
+    no two of its elements are the same memory. (As the operand of one
+    element-wise call for all offsets it saves the calls, each taking the GIL
+    twice, that two threads would otherwise contend for; for the forward's
+    comparisons it was no faster than one call per offset.)
     """
     sb, sc, sh, sw = x.strides
     shape = (k, k, x.shape[0], x.shape[1], oh, ow)
@@ -590,28 +593,30 @@ def _pool_chunk(
     (like ``y``) is workspace. Returns True, with the planes unfinished, if a
     window holds a NaN (the generic code picks its first NaN, or a ReLU first
     maps it to 0).
-
-    The planes come from one comparison of all offsets at once; only a chunk
-    with a tied window (every window has at least one True, so more Trues
-    than windows) takes the cumulative count that keeps the first. Two
-    threads gain little from small NumPy calls on this scale (each call
-    takes the GIL twice), so fewer, larger calls beat one pass per offset.
     """
-    v = _window_view(x, k, stride, y.shape[2], y.shape[3])
-    np.copyto(y, v[0, 0])
-    for i in range(k):
-        for j in range(k):
-            if i or j:
-                np.maximum(y, v[i, j], out=y)
+    views = _offset_views(x, k, stride, y.shape[2], y.shape[3])
+    np.copyto(y, views[0])
+    for v in views[1:]:
+        np.maximum(y, v, out=y)
     if np.isnan(np.sum(y)):
         return True
-    np.equal(v, y, out=planes.reshape(k, k, *planes.shape[1:]))  # (splitting an axis: a view)
-    if np.count_nonzero(planes) != y.size:
-        counts = np.cumsum(planes, axis=0, dtype=np.uint8 if k * k < 256 else np.int32)
-        planes &= counts == 1
+    # For booleans a > b is "a and not b": not where an earlier offset is the max
+    # (or, with the ReLU, where the window's maximum is <= 0). The strided
+    # comparisons cost the most, so the last plane is what no other took.
+    np.equal(views[0], y, out=planes[0])
     if relu:
-        np.greater(y, 0, out=taken)
-        planes &= taken
+        np.less_equal(y, 0, out=taken)
+        np.greater(planes[0], taken, out=planes[0])
+        taken |= planes[0]
+    else:
+        np.copyto(taken, planes[0])
+    for v, plane in zip(views[1:-1], planes[1:-1], strict=True):
+        np.equal(v, y, out=plane)
+        np.greater(plane, taken, out=plane)
+        taken |= plane
+    if len(planes) > 1:
+        np.logical_not(taken, out=planes[-1])  # no NaN: the last offset holds the rest
+    if relu:
         np.fmax(y, 0, out=y)
     return False
 
