@@ -15,8 +15,8 @@ Array = Any
 __all__ = ["Sequential"]
 
 
-def _fusion(layers: Sequence[Layer], i: int, train: bool) -> int:
-    """How many layers from ``layers[i]`` run as one op: 3, 2 or 1 (none fused).
+def _fusion(layers: Sequence[Layer], i: int, train: bool) -> tuple[ReLU | None, MaxPool2D | None]:
+    """The ReLU and the max-pool after ``layers[i]`` that run as one op with it (None: not fused).
 
     Conv2D -> ReLU -> MaxPool2D and Conv2D -> MaxPool2D (while training) and
     Conv2D -> ReLU run through the fused ops of :mod:`xcnn.functional`, so a
@@ -24,14 +24,12 @@ def _fusion(layers: Sequence[Layer], i: int, train: bool) -> int:
     is in cache; the results are those of the layers one by one. Exact types:
     a subclass may have a forward of its own.
     """
-    kinds = [type(layer) for layer in layers[i : i + 3]]
-    if kinds[0] is not Conv2D:
-        return 1
-    if train and kinds[1:] == [ReLU, MaxPool2D]:
-        return 3
-    if train and kinds[1:2] == [MaxPool2D]:
-        return 2
-    return 2 if kinds[1:2] == [ReLU] else 1
+    if type(layers[i]) is not Conv2D:
+        return None, None
+    after = list(layers[i + 1 : i + 3])
+    relu = after.pop(0) if after and type(after[0]) is ReLU else None
+    pool = after[0] if train and after and type(after[0]) is MaxPool2D else None
+    return relu, pool  # (exact types checked above)
 
 
 class Sequential:
@@ -218,16 +216,14 @@ class Sequential:
         with self.backend.activate():
             layers, i = self.layers, 0
             while i < len(layers):
-                layer, fused = layers[i], _fusion(layers, i, train)
-                if fused == 3:
-                    x = layer.forward_pool(x, layers[i + 1], layers[i + 2], train=train)
-                elif fused == 2 and type(layers[i + 1]) is MaxPool2D:
-                    x = layer.forward_pool(x, None, layers[i + 1], train=train)
-                elif fused == 2:
-                    x = layer.forward_relu(x, layers[i + 1], train=train)
+                layer, (relu, pool) = layers[i], _fusion(layers, i, train)
+                if pool is not None:
+                    x = layer.forward_pool(x, relu, pool, train=train)
+                elif relu is not None:
+                    x = layer.forward_relu(x, relu, train=train)
                 else:
                     x = layer.forward(x, train=train)
-                i += fused
+                i += 1 + (relu is not None) + (pool is not None)
         self._out_shape = tuple(x.shape) if train else self._out_shape
         return x
 

@@ -101,13 +101,8 @@ def _pads(x: np.ndarray, w: np.ndarray, padding: Padding) -> tuple[int, int, int
     return pad_amounts(x.shape[2], x.shape[3], w.shape[2], w.shape[3], 1, padding)
 
 
-def _takes_mask(mask: Any, dy: np.ndarray) -> bool:
-    """Whether ``mask`` is a boolean NumPy array shaped like ``dy`` (a ReLU's mask)."""
-    return _takes_route(mask, dy.shape)
-
-
-def _takes_route(mask: Any, shape: tuple[int, ...]) -> bool:
-    """Whether ``mask`` is a boolean NumPy array of this shape."""
+def _takes_mask(mask: Any, shape: tuple[int, ...]) -> bool:
+    """Whether ``mask`` is a boolean NumPy array of this shape (a ReLU's mask, a pool's route)."""
     return type(mask) is np.ndarray and mask.dtype == bool and mask.shape == shape
 
 
@@ -841,7 +836,7 @@ def conv2d_relu_backward(
     need_dx: bool = True,
 ) -> Any:
     x = saved.x
-    if stride != 1 or not _takes(dy, x, w) or not _takes_mask(mask, dy):
+    if stride != 1 or not _takes(dy, x, w) or not _takes_mask(mask, dy.shape):
         return FALLBACK
     pads = _pads(x, w, padding)
     grad = _relu_grad(dy, mask, _backward_step(x, w, pads, need_dx))
@@ -884,7 +879,7 @@ def conv2d_max_pool2d_backward(
     pads = _pads(x, w, padding)
     n, oh, ow, f, _ = _plan(x, w, pads)
     ph, pw = _out(oh, k, pool_stride), _out(ow, k, pool_stride)
-    if dy.shape != (n, f, ph, pw) or not _takes_route(route, (n, f, k * k, ph, pw)):
+    if dy.shape != (n, f, ph, pw) or not _takes_mask(route, (n, f, k * k, ph, pw)):
         return FALLBACK
     step = _backward_step(x, w, pads, need_dx)
     grad = _pool_grad(dy, route, (n, f, oh, ow), k, pool_stride, step)
@@ -940,7 +935,7 @@ def relu(x: Any) -> Any:
 
 @register("numpy", "relu_backward")
 def relu_backward(dy: Any, mask: Any) -> Any:
-    if not _takes(dy) or dy.ndim < 1 or not _takes_mask(mask, dy):
+    if not _takes(dy) or dy.ndim < 1 or not _takes_mask(mask, dy.shape):
         return FALLBACK
     return _relu_backward(dy, mask)
 
