@@ -618,16 +618,10 @@ def _blas() -> str:
 def _openblas_core() -> str | None:
     """The kernels NumPy's bundled OpenBLAS picked for this CPU at run time, or None."""
     import ctypes
-    import glob
-    import os
 
-    for path in sorted(glob.glob(os.path.join(os.path.dirname(np.__file__) + ".libs", "*"))):
-        if "openblas" not in os.path.basename(path):
-            continue
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
+    from xcnn.kernels.numpy_parallel import bundled_openblas
+
+    for lib in bundled_openblas():
         for name in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename",
                      "openblas_get_corename"):  # fmt: skip
             func = getattr(lib, name, None)

@@ -30,10 +30,11 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
-__all__ = ["THREADS", "run_chunks", "chunk_count", "slots", "one_blas_thread"]
+__all__ = ["THREADS", "run_chunks", "chunk_count", "slots", "one_blas_thread", "bundled_openblas"]
 
 #: Threads that share a batch's chunks (``XCNN_THREADS``; default: the usable CPUs,
 #: as many as PyTorch's default intra-op threads on such a machine). 1: no threads.
@@ -161,6 +162,22 @@ _BLAS_SAVED = [0, 0]  # [thread count before the outermost block, blocks running
 
 
 @functools.cache
+def bundled_openblas() -> list[Any]:
+    """The OpenBLAS libraries bundled with NumPy's wheel, loaded (``ctypes.CDLL``); [] if none."""
+    import ctypes
+    import glob
+
+    libs = []
+    for path in sorted(glob.glob(os.path.join(os.path.dirname(np.__file__) + ".libs", "*"))):
+        if "openblas" in os.path.basename(path):
+            try:
+                libs.append(ctypes.CDLL(path))
+            except OSError:
+                continue
+    return libs
+
+
+@functools.cache
 def _blas_set_threads() -> Callable[[int], int] | None:
     """``set(n) -> previous n`` for the OpenBLAS bundled with NumPy's wheel, or None.
 
@@ -169,15 +186,10 @@ def _blas_set_threads() -> Callable[[int], int] | None:
     other BLAS, or an older OpenBLAS, keeps its own thread count.
     """
     import ctypes
-    import glob
 
-    for path in sorted(glob.glob(os.path.join(os.path.dirname(np.__file__) + ".libs", "*"))):
-        if "openblas" not in os.path.basename(path):
-            continue
-        try:
-            func = ctypes.CDLL(path).openblas_set_num_threads_local
-        except (OSError, AttributeError):
-            continue
-        func.argtypes, func.restype = [ctypes.c_int], ctypes.c_int
-        return func
+    for lib in bundled_openblas():
+        func = getattr(lib, "openblas_set_num_threads_local", None)
+        if func is not None:
+            func.argtypes, func.restype = [ctypes.c_int], ctypes.c_int
+            return func
     return None
