@@ -580,16 +580,27 @@ def _pool_chunk(
     """Max-pool ``x`` (B, C, H, W) into ``y`` (B, C, OH, OW) and its argmax ``planes``.
 
     ``planes`` (K*K, B, C, OH, OW) bool: ``planes[r]`` is True where window
-    offset ``r`` holds the window's first maximum (row-major). ``relu``: a
-    ReLU comes first, so ``y`` is ``max(window max, 0)`` and a window whose
-    maximum is <= 0 gets no position at all (the ReLU stops its gradient).
-    The ReLU is applied to the pooled values only, 1/K^2 of ``x``: for a
-    window with a maximum > 0 its argmax is the same either way. ``taken``
-    (like ``y``) is workspace. Returns True, with the planes unfinished, if a
-    window holds a NaN (the generic code picks its first NaN, or a ReLU first
-    maps it to 0).
+    offset ``r`` holds the window's first maximum (row-major). The rest as
+    :func:`_pool_views`, which does the work on the K*K offset views of ``x``.
     """
     views = _offset_views(x, k, stride, y.shape[2], y.shape[3])
+    return _pool_views(views, y, planes, taken, relu)
+
+
+def _pool_views(
+    views: list[np.ndarray], y: np.ndarray, planes: np.ndarray, taken: np.ndarray, relu: bool
+) -> bool:
+    """``y`` = the element-wise max of the K*K ``views`` (each like ``y``) and ``planes`` its argmax.
+
+    ``planes[r]`` (like ``y``) is True where ``views[r]`` holds the first
+    maximum, in the order of ``views``. ``relu``: a ReLU comes first, so
+    ``y`` is ``max(window max, 0)`` and a window whose maximum is <= 0 gets no
+    position at all (the ReLU stops its gradient). The ReLU is applied to the
+    pooled values only, 1/K^2 of the input: for a window with a maximum > 0
+    its argmax is the same either way. ``taken`` (like ``y``) is workspace.
+    Returns True, with the planes unfinished, if a window holds a NaN (the
+    generic code picks its first NaN, or a ReLU first maps it to 0).
+    """
     np.copyto(y, views[0])
     for v in views[1:]:
         np.maximum(y, v, out=y)
@@ -944,3 +955,4 @@ def relu_backward(dy: Any, mask: Any) -> Any:
 # conv2d / conv2d_backward kernels above for those inputs and hands them the rest.
 from . import numpy_winograd  # noqa: E402, F401, I001
 from . import numpy_updates  # noqa: E402, F401  (optimizer updates in chunks on threads)
+from . import numpy_window_order  # noqa: E402, F401  (a first layer's conv + pool in window order)
