@@ -590,7 +590,7 @@ def _pool_chunk(
 def _pool_views(
     views: list[np.ndarray], y: np.ndarray, planes: np.ndarray, taken: np.ndarray, relu: bool
 ) -> bool:
-    """``y`` = the element-wise max of the K*K ``views`` (each like ``y``) and ``planes`` its argmax.
+    """Write the element-wise max of the ``views`` to ``y``, its argmax to ``planes``.
 
     ``planes[r]`` (like ``y``) is True where ``views[r]`` holds the first
     maximum, in the order of ``views``. ``relu``: a ReLU comes first, so
