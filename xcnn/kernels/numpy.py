@@ -42,7 +42,10 @@ turns them off. What was measured (2-core AMD EPYC, OpenBLAS; ``benchmarks/READM
   ``dW`` is one product of ``dy^T`` with the chunk's im2col rows.
 - **Single channel.** For C = 1 (a first layer) each shifted image is one run
   of OW floats, so the columns are built transposed, (KH*KW, N*OH*OW), and
-  BLAS reads them transposed.
+  BLAS reads them transposed. Followed by a max-pool whose windows tile,
+  the columns come in window order instead, so that every window offset's
+  outputs are one contiguous plane (:mod:`.numpy_window_order`; the seed
+  net's training step 1.7x faster at batch 32).
 - **Dense.** The products are split over output columns (forward) or input
   features (backward), so each thread reads its own part of the weights.
 - **Element-wise.** ``np.where`` and masked ``copyto`` are 6-8x slower than

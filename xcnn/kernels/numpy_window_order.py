@@ -4,31 +4,34 @@ A single-channel convolution builds its im2col matrix transposed, one row per
 kernel offset and one column per output pixel (:mod:`xcnn.kernels.numpy`).
 The columns may come in any order, and here, where a max-pool with
 non-overlapping windows (``pool_stride == kernel_size``) follows, they come
-by *window offset*: for each block of B images, first the pixel at offset
-(0, 0) of every window, then (0, 1), ..., each a (B, PH, PW) block::
+by *window offset*: for each chunk of B images (the threads' unit), first
+the pixel at offset (0, 0) of every window, then (0, 1), ..., each a
+(B, PH, PW) block::
 
-    cols (KH*KW + 1, blocks x [K*K x (B, PH, PW)])       the last row all ones (bias)
-    z = wb (F, KH*KW + 1) @ cols  ->  (F, K*K, B, PH, PW)   per block
+    cols (KH*KW + 1, chunks x [K*K x (B, PH, PW)])       the last row all ones (bias)
+    z = wb (F, KH*KW + 1) @ cols  ->  (F, K*K, B, PH, PW)   per chunk
 
 so every window offset's outputs are one contiguous (F, B, PH, PW) plane,
 and the max-pool and its argmax (:func:`~xcnn.kernels.numpy._pool_views`)
 are passes over contiguous planes instead of strided views of an NHWC
 output. Backward is the same in reverse: the gradient of every offset's plane
 is ``dy * route plane``, one broadcast product, and ``dW | db`` one product
-``dz (F, cols) @ cols^T`` per block. Pixels that no window covers (the rows
+``dz (F, cols) @ cols^T`` per chunk. Pixels that no window covers (the rows
 and columns a pool leaves over) get no column: their gradient is zero, so
 they add nothing to ``dW`` or ``db``.
 
-Blocks of images keep a block's columns and outputs in the L2 cache: these
-products have only 10 rows of columns, and OpenBLAS ran them 1.5x (forward)
-and 4x (``dW``) slower per column once a product's columns passed about
-16k (measured on the 2-core AMD EPYC VM, one BLAS thread).
+The products have only KH*KW + 1 rows of columns, and OpenBLAS ran them
+1.5x (forward) and 4x (``dW``) slower per column once a product's columns
+and outputs outgrew the 1 MB L2 cache (about 16k columns for 8 filters);
+so each runs in spans of :data:`SPAN` columns.
 
-Measured on the seed net (``Conv2D(1, 8, 3)`` -> ``MaxPool2D(2)``) at batch
-32, one thread (``benchmarks/README.md``): the max-pool 270 -> 75 us, the
-unpooling 150 -> 65 us, the forward product 75 -> 50 us and ``dW`` 120 ->
-45 us, for 30 us more to build the columns (they are copied from stride-2
-views).
+Measured in the seed net's training step (``Conv2D(1, 8, 3)`` ->
+``MaxPool2D(2)``, 2-core AMD EPYC VM, 2026-12-01, the direct kernels and
+these alternating in one process): at batch 32 the fused forward 0.47 ->
+0.27 ms, its backward 0.35 -> 0.15 ms, the whole step 1.07 -> 0.63 ms; at
+batch 128 the step 3.6 -> 2.4 ms. Of the forward, the pool and its argmax
+went from 240-270 us over strided views of the NHWC output to 55-75 us; the
+columns, copied from stride-K views, take about 30 us more to build.
 
 Takes: stride 1, one input channel, a pool whose windows tile
 (``pool_stride == kernel_size``), and a backward that needs no ``dx`` (a
@@ -53,7 +56,7 @@ from . import numpy as direct
 from . import numpy_parallel as par
 from .numpy_parallel import chunk_count, run_chunks
 
-#: Columns per matrix product: a product's columns and outputs stay in a 512 KB L2 cache.
+#: Columns per matrix product: its columns and outputs stay in a 1 MB L2 cache.
 SPAN = 8192
 
 
@@ -70,7 +73,7 @@ def _spans(n: int) -> range:
 
 
 def _fill(part: np.ndarray, xh: np.ndarray, kh: int, kw: int, k: int, ph: int, pw: int) -> None:
-    """Write the window-order columns of ``xh`` (B, HP, WP), a single-channel block, into ``part``.
+    """Write the window-order columns of single-channel images ``xh`` (B, HP, WP) into ``part``.
 
     ``part`` (KH*KW + 1, B*K*K*PH*PW): row i*KW + j, column block (di, dj)
     holds pixel (2-d index) ``(i + K*ph + di, j + K*pw + dj)`` of every
