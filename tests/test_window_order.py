@@ -176,3 +176,28 @@ def test_the_comparison_catches_columns_out_of_window_order(monkeypatch):
     assert not np.array_equal(route, route_ref)
     with pytest.raises(AssertionError):
         close(y, y_ref)
+
+
+def test_the_seed_nets_training_step_takes_this_kernel():
+    """Through Sequential (Conv2D -> MaxPool2D fused), with the generic step's gradients."""
+    import xcnn
+
+    def step(model, x, labels):
+        _, dlogits = xcnn.softmax_cross_entropy(model.forward(x, train=True), labels)
+        model.backward(dlogits, input_grad=False)
+        return {
+            f"{i}.{k}": g for i, layer in enumerate(model.layers) for k, g in layer.grads.items()
+        }
+
+    rng = np.random.default_rng(6)
+    x, labels = rng.random((8, 1, 28, 28)), rng.integers(0, 10, 8)
+    model = xcnn.models.build_model("seed", backend="numpy", dtype="float64", seed=0)
+    got = step(model, x, labels)
+    assert isinstance(model.layers[0].cache["saved"].workspace, wo.WindowColumns)
+    with kernels.disabled("numpy"):
+        want = step(
+            xcnn.models.build_model("seed", backend="numpy", dtype="float64", seed=0), x, labels
+        )
+    assert got.keys() == want.keys()
+    for name in got:
+        close(got[name], want[name])
