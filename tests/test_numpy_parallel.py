@@ -38,6 +38,23 @@ def close(a, b, rtol=1e-12):
     assert float(np.abs(a - b).max(initial=0.0)) / scale <= rtol
 
 
+def close_pool_backward(dy, saved, route, saved_ref, route_ref, wt, rtol=1e-12, **how):
+    """The fused conv + pool backward from ``saved`` against the generic one from ``saved_ref``.
+
+    Both with and without dx (the generic code gives None for it without).
+    """
+    for need_dx in (True, False):
+        got = F.conv2d_max_pool2d_backward(dy, saved, route, wt, need_dx=need_dx, **how)
+        want = generic(
+            F.conv2d_max_pool2d_backward, dy, saved_ref, route_ref, wt, need_dx=need_dx, **how
+        )
+        for g, e in zip(got, want, strict=True):
+            if e is None:
+                assert g is None
+            else:
+                close(g, e, rtol)
+
+
 @pytest.fixture
 def threads3(monkeypatch):
     """Three threads and chunks of one or two images: every chunk loop, ragged ends, slots."""
@@ -235,16 +252,7 @@ def test_conv2d_max_pool2d_equals_the_generic_ops(case, relu, bias, threads3):
     close(y, y_ref)
     dy = rng.standard_normal(y.shape)
     del how["with_relu"]
-    for need_dx in (True, False):
-        got = F.conv2d_max_pool2d_backward(dy, saved, route, wt, need_dx=need_dx, **how)
-        want = generic(
-            F.conv2d_max_pool2d_backward, dy, saved_ref, route_ref, wt, need_dx=need_dx, **how
-        )
-        for g, e in zip(got, want, strict=True):
-            if e is None:
-                assert g is None
-            else:
-                close(g, e)
+    close_pool_backward(dy, saved, route, saved_ref, route_ref, wt, **how)
 
 
 @pytest.mark.parametrize("case", POOL_CASES, ids=str)
