@@ -27,6 +27,7 @@ CASES = [
     (4, 3, 10, 11, 3, "same", 2),
     (2, 4, 11, 12, 3, "valid", 3),
     (3, 2, 9, 9, 3, 1, 3),
+    (2, 3, 5, 6, 3, "valid", 1),  # a 1x1 pool: one window offset
     (2, 6, 32, 32, 5, 2, 2),  # LeNet-5's first layer
     (5, 8, 28, 28, 3, "valid", 2),  # the seed net's
 ]
@@ -69,6 +70,19 @@ def test_window_order_equals_the_generic_op(case, relu, bias, dtype, split):
     dy = np.random.default_rng(1).standard_normal(y.shape).astype(dtype)
     # need_dx=True is not this kernel's (no first layer needs dx): the direct one's.
     close_pool_backward(dy, saved, route, saved_ref, route_ref, wt, rtol, **how)
+
+
+def test_a_read_only_strided_input_is_read_not_written():
+    x, wt, b, how = _inputs(CASES[2], np.float64, True)
+    xs = np.ascontiguousarray(x.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)  # not C-contiguous
+    xs.flags.writeable = False
+    before = xs.copy()
+    y, saved, route = F.conv2d_max_pool2d(xs, wt, b, with_relu=True, **how)
+    assert isinstance(saved.workspace, wo.WindowColumns)
+    y_ref, _, route_ref = generic(F.conv2d_max_pool2d, x, wt, b, with_relu=True, **how)
+    np.testing.assert_array_equal(route, route_ref)
+    close(y, y_ref)
+    np.testing.assert_array_equal(xs, before)
 
 
 def test_thread_count_and_chunks_change_no_bit(monkeypatch):

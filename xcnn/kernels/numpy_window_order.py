@@ -185,15 +185,15 @@ def conv2d_max_pool2d(
     kernel_size: int = 2,
     pool_stride: int = 2,
 ) -> Any:
-    how = {"stride": stride, "padding": padding, "with_relu": with_relu}
     if _takes(x, w, b, stride, kernel_size, pool_stride):
         pads = direct._pads(x, w, padding)
         _, oh, ow, _, _ = direct._plan(x, w, pads)
-        if min(oh, ow) >= kernel_size:
+        if min(oh, ow) >= kernel_size:  # (else the generic code's error)
             return _forward(x, w, b, pads, with_relu, kernel_size)
     return direct.conv2d_max_pool2d(
-        x, w, b, **how, kernel_size=kernel_size, pool_stride=pool_stride
-    )
+        x, w, b, stride=stride, padding=padding, with_relu=with_relu,
+        kernel_size=kernel_size, pool_stride=pool_stride,
+    )  # fmt: skip
 
 
 @register("numpy", "conv2d_max_pool2d_backward")
