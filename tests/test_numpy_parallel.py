@@ -479,3 +479,14 @@ def test_updates_of_small_or_strided_parameters_take_the_generic_code(threads3):
     p = np.ones((4, 6))
     assert sgd(p[:, ::2], p[:, ::2], lr=0.1) is kernels.FALLBACK  # not contiguous
     assert sgd(p, p.astype(np.float32), lr=0.1) is kernels.FALLBACK  # mixed dtypes
+
+
+def test_zeros_like_gives_read_only_zeros_laid_out_like_its_argument():
+    a = np.empty((4, 3, 5, 6), np.float32).transpose(0, 3, 1, 2)[1:3]  # an NHWC chunk
+    z = npk._zeros_like(a)
+    assert z.shape == a.shape and z.strides == a.strides and z.dtype == a.dtype
+    assert not z.flags.writeable and not z.any()
+    big = npk._zeros_like(np.empty((50, 70), np.float64))  # grows the float64 buffer
+    assert not big.any() and not npk._zeros_like(np.empty((2, 2), np.float64)).any()
+    x = np.array([[-1.0, np.nan, 0.0, 2.0]], np.float32)
+    np.testing.assert_array_equal(F.relu(x)[0], generic(F.relu, x)[0])  # NaN -> 0 too
