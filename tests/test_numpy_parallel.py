@@ -217,6 +217,7 @@ POOL_CASES = [
     (4, 3, 5, 9, 8, "same", 2, 2),
     (2, 4, 3, 7, 7, 1, 3, 2),
     (3, 2, 4, 9, 10, "valid", 2, 3),
+    (2, 3, 4, 11, 10, "valid", 3, 3),  # 3x3 windows in window order, a column over
     (2, 1, 3, 7, 6, "same", 3, 2),
 ]
 
