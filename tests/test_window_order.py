@@ -131,7 +131,8 @@ def test_a_nan_window_gets_the_generic_route():
     x, wt, _, how = _inputs(CASES[0], np.float64, False)
     x[1, 0, 3, 3] = np.nan
     for relu in (False, True):
-        assert wo._forward(x, wt, None, (0,) * 4, relu, 2) is kernels.FALLBACK
+        plan = npk._plan(x, wt, (0,) * 4)
+        assert wo._forward(x, wt, None, (0,) * 4, plan, relu, 2) is kernels.FALLBACK
         y, saved, route = F.conv2d_max_pool2d(x, wt, with_relu=relu, **how)
         y_ref, _, route_ref = generic(F.conv2d_max_pool2d, x, wt, with_relu=relu, **how)
         np.testing.assert_array_equal(route, route_ref)

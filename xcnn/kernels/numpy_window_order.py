@@ -88,10 +88,11 @@ def _fill(part: np.ndarray, xh: np.ndarray, kh: int, kw: int, k: int, ph: int, p
 
 
 def _forward(
-    x: np.ndarray, w: np.ndarray, b: np.ndarray | None, pads: tuple[int, ...], relu: bool, k: int
-) -> Any:
+    x: np.ndarray, w: np.ndarray, b: np.ndarray | None, pads: tuple[int, ...],
+    plan: direct._Plan, relu: bool, k: int,
+) -> Any:  # fmt: skip
     """``(y (N, F, PH, PW), saved, route (N, F, K*K, PH, PW))``, or FALLBACK for a NaN window."""
-    n, oh, ow, f, step = direct._plan(x, w, pads)
+    n, oh, ow, f, step = plan
     _, _, kh, kw = w.shape
     ph, pw = oh // k, ow // k
     q = k * k * ph * pw  # columns per image
@@ -187,9 +188,9 @@ def conv2d_max_pool2d(
 ) -> Any:
     if _takes(x, w, b, stride, kernel_size, pool_stride):
         pads = direct._pads(x, w, padding)
-        _, oh, ow, _, _ = direct._plan(x, w, pads)
-        if min(oh, ow) >= kernel_size:  # (else the generic code's error)
-            return _forward(x, w, b, pads, with_relu, kernel_size)
+        plan = direct._plan(x, w, pads)
+        if min(plan.oh, plan.ow) >= kernel_size:  # (else the generic code's error)
+            return _forward(x, w, b, pads, plan, with_relu, kernel_size)
     return direct.conv2d_max_pool2d(
         x, w, b, stride=stride, padding=padding, with_relu=with_relu,
         kernel_size=kernel_size, pool_stride=pool_stride,
@@ -222,8 +223,7 @@ def conv2d_max_pool2d_backward(
             dy.shape == shape
             and direct._takes_mask(route, (n, f, k * k, *shape[2:]))
             and cols.cols.shape == (w.shape[2] * w.shape[3] + 1, n * k * k * shape[2] * shape[3])
-            and cols.cols.dtype == dy.dtype
-        ):
+        ):  # (the columns' dtype is x's, and so dy's)
             return _backward(dy, cols, route, w)
     return direct.conv2d_max_pool2d_backward(
         dy, saved, route, w, stride=stride, padding=padding, kernel_size=k,
